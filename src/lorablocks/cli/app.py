@@ -1,0 +1,67 @@
+"""The Typer application shared by every verb module, and the error boundary.
+
+Each verb lives in a small module of this package (``adapters``, ``training``, ``study``) that registers
+itself on :data:`app`; a verb parses its arguments, calls one library function and prints.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from lorablocks.errors import LoraBlocksError
+
+app = typer.Typer(
+    name="lorablocks",
+    help="LoRA adapters as building blocks: exact sums, subtraction, overlap, training, evaluation, study.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+#: Progress and tables go to stderr so that stdout stays machine-readable where a verb prints JSON.
+console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one clear line and exit non-zero."""
+    console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def run_app(argv: list[str] | None = None) -> int:
+    """Run the CLI; library errors become one line and exit code 2, never a traceback."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except LoraBlocksError as exc:
+        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except typer.Exit as exc:
+        return exc.exit_code
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/bold red] (outputs are written atomically; nothing half-written)")
+        return 130
+    except (typer.BadParameter, typer.Abort) as exc:  # pragma: no cover - click handles most of these
+        console.print(f"[bold red]error:[/bold red] {exc}")
+        return 2
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return exc.exit_code
+        if isinstance(exc, click.exceptions.Exit):
+            return exc.exit_code
+        if isinstance(exc, click.exceptions.Abort):
+            return 1
+        if isinstance(exc, (MemoryError, OSError)):
+            console.print(f"[bold red]error:[/bold red] {type(exc).__name__}: {exc}")
+            return 2
+        raise
+    return 0
+
+
+def main() -> None:
+    sys.exit(run_app(sys.argv[1:]))
