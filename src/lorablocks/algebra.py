@@ -46,6 +46,8 @@ __all__ = [
 
 #: Precision used inside QR/SVD. Results are cast back to the factors' dtype (float32 by default).
 COMPUTE_DTYPE = torch.float64
+#: Singular values below this fraction of |B|_F |A|_F are exact cancellation left-overs (float64 round-off).
+CANCEL_TOL = 1e-10
 
 
 @dataclass(frozen=True)
@@ -238,7 +240,8 @@ def compress(
     """Re-factor each module at a smaller rank.
 
     ``rank="concat"`` returns the factors unchanged (exact). ``rank="minimal"`` keeps the singular values
-    above ``rtol * s_max`` (exact up to that tolerance; the error is reported). An integer ``N`` keeps the
+    above ``rtol * s_max`` (exact up to that tolerance; the error is reported); in every mode, singular
+    values below ``CANCEL_TOL * |B|_F |A|_F`` are treated as exact cancellation and dropped. An integer ``N`` keeps the
     top ``N`` singular values: the relative Frobenius error is ``sqrt(sum_{k>N} s_k^2 / sum_k s_k^2)``.
     Modules whose delta is zero are dropped (they contribute nothing). The new factors split the singular
     values evenly: ``B = Qb U sqrt(S)``, ``A = sqrt(S) Vh Qa^T``.
@@ -259,12 +262,15 @@ def compress(
             continue
         Qb, U, S, Vh, Qa = _core_svd(x)
         smax = float(S[0]) if S.numel() else 0.0
-        if smax == 0.0:
+        # |B|_F |A|_F bounds every singular value of the terms that went in; what is left below
+        # CANCEL_TOL of it after cancellation (A + B - B) is float64 round-off, not signal.
+        floor = CANCEL_TOL * float(x.B.to(COMPUTE_DTYPE).norm() * x.A.to(COMPUTE_DTYPE).norm())
+        if smax <= floor:
             keep = 0
         elif rank == "minimal":
-            keep = int((S > rtol * smax).sum())
+            keep = int((S > max(rtol * smax, floor)).sum())
         else:
-            keep = min(int(rank), int((S > 0).sum()))
+            keep = min(int(rank), int((S > floor).sum()))
         s2 = S.pow(2)
         total, dropped = float(s2.sum()), float(s2[keep:].sum())
         report.rank_out[name] = keep

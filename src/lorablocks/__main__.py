@@ -1,0 +1,3 @@
+from lorablocks.cli import main
+
+main()
