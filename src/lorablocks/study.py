@@ -60,9 +60,9 @@ _T = TrainConfig()  # the training defaults (chosen on validation loss) are the 
 class LoraSettings(_Strict):
     """LoRA of every adapter in the study (the paper: rank 4, alpha 64)."""
 
-    r: int = Field(_T.rank, ge=1, description="LoRA rank.")
+    r: int = Field(_T.r, ge=1, description="LoRA rank.")
     alpha: float = Field(_T.alpha, gt=0, description="LoRA alpha; the scale is alpha / r.")
-    dropout: float = Field(_T.lora_dropout, ge=0, lt=1, description="LoRA dropout during training.")
+    dropout: float = Field(_T.dropout, ge=0, lt=1, description="LoRA dropout during training.")
     targets: list[str] | None = Field(None, description="Target modules; default: the model family's preset.")
 
 
@@ -397,16 +397,16 @@ def _train_block(config: StudyConfig, domains: list, seed: int, out: Path, cache
         model=config.model,
         data=[d.source for d in domains],
         out=str(out),
-        rank=config.lora.r,
+        r=config.lora.r,
         alpha=config.lora.alpha,
-        lora_dropout=config.lora.dropout,
-        targets=list(config.lora.targets or []),
+        dropout=config.lora.dropout,
+        targets=config.lora.targets,
         max_steps=config.train.steps_per_domain * len(domains),
         learning_rate=config.train.learning_rate,
         warmup_steps=min(config.train.warmup_steps, config.train.steps_per_domain * len(domains) // 2),
         batch_size=config.train.batch_size,
         max_length=config.train.max_length,
-        limit=config.train.train_limit or 0,
+        train_limit=config.train.train_limit,
         val_limit=config.train.val_limit,
         eval_every=0,
         seed=seed,
@@ -414,6 +414,6 @@ def _train_block(config: StudyConfig, domains: list, seed: int, out: Path, cache
         checkpoint_every=config.train.checkpoint_every,
         resume=ckpt.is_dir() and any(ckpt.iterdir()),
         force=True,
-        cache_dir=str(cache_dir) if cache_dir else "",
+        cache_dir=str(cache_dir) if cache_dir else None,
     )
     train_adapter(tc, model=model, tokenizer=tokenizer)

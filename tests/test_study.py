@@ -1,0 +1,186 @@
+"""The study end to end on a tiny model and toy domains: every report section, resume after a kill gives the
+same results, changing one setting redoes only what depends on it, config errors are reported at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lorablocks.cli import run_app
+from lorablocks.errors import ConfigError
+from lorablocks.report import REPORT_SECTIONS
+from lorablocks.study import load_config, plan_subsets
+from tests.conftest import save_tiny_model, write_domain
+
+DOMAINS = ["math", "words", "code"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    model = save_tiny_model("llama", root / "model")
+    for d in DOMAINS:
+        write_domain(root / "data" / d, d, n_train=32, n_val=8, n_test=8)
+    cfg = {
+        "model": str(model),
+        "domains": DOMAINS,
+        "train": {"steps_per_domain": 2, "batch_size": 4, "max_length": 64, "val_limit": 4, "checkpoint_every": 1},
+        "eval": {"limit": 6, "max_length": 64},
+    }
+    path = root / "study.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return root, path
+
+
+def _run(argv) -> int:
+    return run_app([str(a) for a in argv])
+
+
+def _numbers(out: Path) -> dict:
+    res = json.loads((out / "results.json").read_text())
+    res.pop("timings")
+    for t in res["training"]:
+        t.pop("path")
+    return res
+
+
+@pytest.fixture(scope="module")
+def full_run(setup):
+    root, cfg = setup
+    out = root / "out"
+    assert _run(["study", cfg, "--data", root / "data", "--out", out, "--threads", "1"]) == 0
+    return out
+
+
+def test_report_has_every_section_and_files(full_run):
+    out = full_run
+    report = (out / "report.md").read_text()
+    for section in REPORT_SECTIONS:
+        assert section in report, section
+    for name in ("cosine_heatmap.png", "change_vs_cosine.png", "degradation.png", "training_loss.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG", name
+    res = json.loads((out / "results.json").read_text())
+    # 3 pairs + the triple, each with its merged-data adapter (default: pairs and all)
+    assert [tuple(s["domains"]) for s in res["subsets"]] == [
+        ("math", "words"), ("math", "code"), ("words", "code"), ("math", "words", "code")]
+    assert all(s["has_merged"] for s in res["subsets"])
+    for s in res["subsets"]:
+        assert s["merged"]["joint"] > 1 and s["sum"]["joint"] > 1
+        assert 0 < s["rms_cosine"] <= 1
+    assert len(res["fit"]["points"]) == 4 and res["fit"]["slope"] is not None
+    assert [d["blocks"] for d in res["degradation"]] == [1, 2, 3]
+    for u in res["unlearning"]:
+        # subtracting a block from the sum of all equals the sum without it, up to float error
+        assert u["max_delta_rel_diff_vs_sum_without"] < 1e-6
+        assert u["forgotten"]["unlearned"] == pytest.approx(u["forgotten"]["sum_without"], rel=1e-4)
+    base = next(e for e in res["evaluations"] if e["label"] == "base")
+    single = next(e for e in res["evaluations"] if e["label"] == "single:math")
+    assert single["domains"]["math"]["perplexity"] != base["domains"]["math"]["perplexity"]
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("model,kind,seed,subset,domain,perplexity")
+    assert len(csv_lines) == 1 + len(res["evaluations"]) * 3
+    assert yaml.safe_load((out / "config.yaml").read_text())["domains"] == DOMAINS
+    assert "torch" in json.loads((out / "versions.json").read_text())
+
+
+def test_rerun_uses_the_cache_and_changing_eval_redoes_only_evaluation(setup, full_run, tmp_path):
+    root, cfg = setup
+    out = tmp_path / "out"
+    import shutil
+
+    shutil.copytree(full_run, out)
+    adapters_before = {p.name: p.stat().st_mtime_ns for p in (out / "cache" / "adapters").iterdir()}
+    assert _run(["study", cfg, "--data", root / "data", "--out", out]) == 0
+    assert _numbers(out) == _numbers(full_run)
+    res = json.loads((out / "results.json").read_text())
+    assert res["timings"]["training_s"] < 1.0  # nothing retrained
+
+    changed = yaml.safe_load(cfg.read_text())
+    changed["eval"]["limit"] = 5
+    cfg2 = tmp_path / "changed.yaml"
+    cfg2.write_text(yaml.safe_dump(changed))
+    assert _run(["study", cfg2, "--data", root / "data", "--out", out]) == 0
+    adapters_after = {p.name: p.stat().st_mtime_ns for p in (out / "cache" / "adapters").iterdir()}
+    assert adapters_after == adapters_before  # training untouched
+    res2 = json.loads((out / "results.json").read_text())
+    assert res2["evaluations"][0]["domains"]["math"]["examples"] == 5
+
+
+def test_killed_study_resumes_to_identical_results(setup, full_run, tmp_path):
+    root, cfg = setup
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lorablocks", "study", str(cfg), "--data", str(root / "data"), "--out", str(out),
+         "--threads", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )
+    adapters = out / "cache" / "adapters"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill once the second block is being trained
+        done = list(adapters.glob("*/adapter_model.safetensors")) if adapters.exists() else []
+        if len(done) >= 1:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "report.md").exists()
+    assert _run(["study", cfg, "--data", root / "data", "--out", out, "--threads", "1"]) == 0
+    assert _numbers(out) == _numbers(full_run)
+
+
+def test_config_errors_are_reported_together(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"domains": ["math"], "train": {"steps_per_domain": 0, "batch_size": -1},
+                                   "eval": {"split": "train"}, "typo": 1}))
+    with pytest.raises(ConfigError) as exc:
+        load_config(bad)
+    msg = str(exc.value)
+    for fragment in ("domains", "train.steps_per_domain", "train.batch_size", "eval.split", "typo"):
+        assert fragment in msg, fragment
+    assert msg.startswith("5 problem(s)")
+
+
+def test_config_cli_errors_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("domains: [math, math]\nmerged_subsets: [[math, nope]]\n")
+    assert _run(["study", bad, "--out", tmp_path / "o"]) == 2
+    err = capsys.readouterr().err
+    assert "domains must be distinct" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "notyaml.yaml").write_text("a: [1, 2\n")
+    assert _run(["study", tmp_path / "notyaml.yaml", "--out", tmp_path / "o"]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    assert _run(["study", "--preset", "huge", "--out", tmp_path / "o"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_study_output_folder_is_refused(setup, tmp_path, capsys):
+    root, cfg = setup
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "thesis.tex").write_text("precious")
+    assert _run(["study", cfg, "--data", root / "data", "--out", tmp_path / "busy"]) == 2
+    assert "not a lorablocks study folder" in capsys.readouterr().err
+    assert (tmp_path / "busy" / "thesis.tex").read_text() == "precious"
+
+
+def test_plan_subsets():
+    sums, merged = plan_subsets(["a", "b", "c", "d"], None, "pairs_and_all")
+    assert len(sums) == 6 + 4 + 1 and len(merged) == 6 + 1
+    sums, merged = plan_subsets(["a", "b", "c"], 2, [["c", "a"]])
+    assert sums == [("a", "b"), ("a", "c"), ("b", "c")] and merged == [("a", "c")]
+
+
+def test_presets_validate():
+    for preset in ("smoke", "quick", "paper"):
+        cfg = load_config(preset=preset)
+        assert cfg.domains == ["math", "medicine", "finance"]
+    assert load_config(preset="paper").seeds == [0, 1, 2]
