@@ -6,7 +6,9 @@ itself on :data:`app`; a verb parses its arguments, calls one library function a
 
 from __future__ import annotations
 
+import os
 import sys
+import warnings
 
 import typer
 from rich.console import Console
@@ -31,8 +33,18 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def quiet_libraries() -> None:
+    """Our own progress and messages only: no loading bars or advisory warnings from transformers/PEFT."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*(remote file|config file in).*", category=UserWarning)
+
+
 def run_app(argv: list[str] | None = None) -> int:
     """Run the CLI; library errors become one line and exit code 2, never a traceback."""
+    quiet_libraries()
     try:
         app(args=argv, standalone_mode=False)
     except LoraBlocksError as exc:
