@@ -1,0 +1,206 @@
+"""Verbs for base models, training and evaluation: ``prepare-model``, ``train``, ``eval``.
+
+Each parses its flags, calls one library function and prints. Several values may follow one flag
+(``--data math medicine``) or the flag may be repeated (``--data math --data medicine``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from lorablocks.cli.app import app, console
+from lorablocks.errors import LoraBlocksError, ShapeMismatchError
+
+_MULTI = {"allow_extra_args": True}
+
+
+def _quiet_transformers() -> None:
+    """No download/loading progress bars or advisory warnings from transformers on the console."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except Exception:  # pragma: no cover - cosmetic only
+        pass
+
+
+def _extras(ctx: typer.Context) -> list[str]:
+    bad = [a for a in ctx.args if a.startswith("-")]
+    if bad:
+        raise LoraBlocksError(f"unknown option {bad[0]}; see --help")
+    return list(ctx.args)
+
+
+CacheOpt = Annotated[
+    Optional[Path],
+    typer.Option("--cache-dir", help="Cache root for the built-in model (default $LORABLOCKS_CACHE or ~/.cache/lorablocks)."),
+]
+
+
+@app.command("prepare-model")
+def prepare_model_cmd(
+    model: Annotated[str, typer.Option("--model", help="Built-in model to convert.")] = "smollm2-135m",
+    cache_dir: CacheOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Convert again even if the cache folder exists.")] = False,
+) -> None:
+    """Convert a built-in model (GGUF in an installed package) once to a float32 folder, for offline use."""
+    from lorablocks.models import builtin_path, prepare_model
+
+    _quiet_transformers()
+    existed = (builtin_path(model, cache_dir) / "config.json").is_file() if model else False
+    path = prepare_model(model, cache_dir=cache_dir, force=force)
+    what = "ready (cached)" if existed and not force else "converted"
+    console.print(f"{model}: {what} at [bold]{path}[/bold]", highlight=False)
+
+
+@app.command("train", context_settings=_MULTI)
+def train_cmd(
+    ctx: typer.Context,
+    data: Annotated[Optional[list[str]], typer.Option("--data", help="Domain(s): folder with train/validation/test.jsonl, a .jsonl file, or a hub dataset name. Several give the merged-data adapter.")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", help="Output adapter folder.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Base model: smollm2-135m (built in), a local folder or a hub id.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML/JSON file of settings; flags override it.")] = None,
+    targets: Annotated[Optional[str], typer.Option("--targets", help="Comma-separated LoRA target modules (default: the model family's preset).")] = None,
+    r: Annotated[Optional[int], typer.Option("--r", "--rank", help="LoRA rank [4].")] = None,
+    alpha: Annotated[Optional[float], typer.Option("--alpha", help="LoRA alpha; scale alpha/r [64].")] = None,
+    dropout: Annotated[Optional[float], typer.Option("--dropout", help="LoRA dropout [0].")] = None,
+    learning_rate: Annotated[Optional[float], typer.Option("--learning-rate", "--lr", help="AdamW peak learning rate.")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option("--warmup-steps", help="Linear warm-up steps.")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="AdamW weight decay.")] = None,
+    max_grad_norm: Annotated[Optional[float], typer.Option("--max-grad-norm", help="Gradient clipping norm (0: off).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Examples per optimizer step (all processes).")] = None,
+    micro_batch_size: Annotated[Optional[int], typer.Option("--micro-batch-size", help="Examples per forward pass per process (gradient accumulation).")] = None,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Max tokens per example; longer ones are truncated and counted.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of LoRA init, data order and dropout.")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Use the first N training examples per domain.")] = None,
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Validation loss every N steps (0: start and end only).")] = None,
+    val_limit: Annotated[Optional[int], typer.Option("--val-limit", help="Validation examples per domain (0: none).")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="Checkpoint every N steps (0: none).")] = None,
+    checkpoint_dir: Annotated[Optional[str], typer.Option("--checkpoint-dir", help="Checkpoint folder [<out>.checkpoints].")] = None,
+    keep_checkpoints: Annotated[Optional[bool], typer.Option("--keep-checkpoints", help="Keep the last checkpoint after success.")] = None,
+    resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue from the latest checkpoint (start afresh if none).")] = None,
+    mixed_precision: Annotated[Optional[str], typer.Option("--mixed-precision", help="no, bf16 or fp16 (Accelerate).")] = None,
+    cache_dir: CacheOpt = None,
+    force: Annotated[Optional[bool], typer.Option("--force", help="Replace an existing output folder.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Train a LoRA adapter on one domain, or the merged-data adapter on several (balanced)."""
+    from lorablocks.train import load_config, train_adapter
+
+    _quiet_transformers()
+    domains = list(data or []) + _extras(ctx)
+    overrides = {
+        "data": domains or None, "out": out, "model": model, "targets": targets, "r": r, "alpha": alpha,
+        "dropout": dropout, "learning_rate": learning_rate, "warmup_steps": warmup_steps,
+        "weight_decay": weight_decay, "max_grad_norm": max_grad_norm, "batch_size": batch_size,
+        "micro_batch_size": micro_batch_size, "max_length": max_length, "max_steps": max_steps, "seed": seed,
+        "train_limit": limit, "eval_every": eval_every, "val_limit": val_limit,
+        "checkpoint_every": checkpoint_every, "checkpoint_dir": checkpoint_dir,
+        "keep_checkpoints": keep_checkpoints, "resume": resume, "mixed_precision": mixed_precision,
+        "cache_dir": str(cache_dir) if cache_dir else None, "force": force,
+    }
+    cfg = load_config(config, overrides)
+    result = train_adapter(cfg, progress=not quiet)
+    rec = result.record
+    if rec["processes"] > 1:
+        import os
+
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
+    val = rec["validation"][-1]["loss"] if rec["validation"] else float("nan")
+    trunc = ", ".join(f"{d['name']} {d['train_truncated']}/{d['train_examples']}" for d in rec["domains"])
+    console.print(
+        f"wrote [bold]{result.adapter}[/bold]: {rec['steps']} steps, final train loss {result.final_train_loss:.4f}, "
+        f"validation loss {val:.4f}, {rec['answer_tokens_per_second']:,.0f} answer tokens/s; "
+        f"truncated at {cfg.max_length} tokens: {trunc}",
+        highlight=False,
+    )
+
+
+@app.command("eval", context_settings=_MULTI)
+def eval_cmd(
+    ctx: typer.Context,
+    data: Annotated[Optional[list[str]], typer.Option("--data", help="Domain(s) to evaluate (folders, .jsonl files or hub names).")] = None,
+    model: Annotated[str, typer.Option("--model", help="Base model: smollm2-135m (built in), a local folder or a hub id.")] = "smollm2-135m",
+    adapter: Annotated[Optional[list[Path]], typer.Option("--adapter", help="Adapter folder(s) merged into the weights (their weighted sum).")] = None,
+    weights: Annotated[Optional[str], typer.Option("--weights", help="Comma-separated weights, one per adapter (default all 1).")] = None,
+    split: Annotated[str, typer.Option("--split", help="train, validation or test.")] = "test",
+    limit: Annotated[Optional[int], typer.Option("--limit", help="First N examples per domain.")] = None,
+    max_length: Annotated[int, typer.Option("--max-length", help="Max tokens per example; longer ones are truncated and counted.")] = 512,
+    batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Max padded tokens per batch.")] = 4096,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")] = None,
+    ignore_base_model: Annotated[bool, typer.Option("--ignore-base-model", help="Skip the check of the adapters' recorded base model (shapes are still checked).")] = False,
+    cache_dir: CacheOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --json file.")] = False,
+) -> None:
+    """Per-domain and joint token-weighted perplexity, with the adapters' weighted sum merged in."""
+    from lorablocks import algebra
+    from lorablocks.adapters import load_adapter
+    from lorablocks.compose import parse_weights
+    from lorablocks.data import resolve_domains
+    from lorablocks.evaluate import evaluate_perplexity, prepare_eval_set
+    from lorablocks.io import check_output_free, versions, write_json
+    from lorablocks.merge import check_delta_fits
+    from lorablocks.models import load_model, model_id, same_base_model
+
+    _quiet_transformers()
+    # Extra values after a flag: adapter folders (they hold adapter_config.json) or domains.
+    adapters_in = list(adapter or [])
+    domains_in = list(data or [])
+    for extra in _extras(ctx):
+        (adapters_in if (Path(extra) / "adapter_config.json").is_file() else domains_in).append(extra)
+    if limit is not None and limit < 1:
+        raise LoraBlocksError(f"--limit must be a positive integer, got {limit}")
+    if json_out is not None:
+        check_output_free(json_out, force)
+    domains = resolve_domains(domains_in)
+    loaded = [load_adapter(p) for p in adapters_in]
+    w = parse_weights(weights, len(loaded)) if loaded else []
+    if weights is not None and not loaded:
+        raise LoraBlocksError("--weights given without --adapter")
+    if not ignore_base_model:
+        for a in loaded:
+            if not same_base_model(a.base_model, model):
+                raise ShapeMismatchError(
+                    f"adapter {a.path} was trained on {a.base_model}, not {model}; "
+                    "pass --ignore-base-model if the weights are the same"
+                )
+    model_obj, tokenizer = load_model(model, cache_dir=cache_dir)
+    for a in loaded:  # before any tokenization or forward pass
+        check_delta_fits(model_obj, a.delta, label=str(a.path))
+    delta = algebra.add([a.delta for a in loaded], w) if loaded else None
+    eval_set = prepare_eval_set(tokenizer, domains, split=split, limit=limit, max_length=max_length, batch_tokens=batch_tokens)
+    result = evaluate_perplexity(model_obj, eval_set, delta)
+
+    table = Table(title=f"perplexity ({split}, answer tokens only)")
+    for col in ("domain", "perplexity", "mean NLL", "tokens", "examples", "truncated"):
+        table.add_column(col, justify="left" if col == "domain" else "right")
+    rows = list(result.domains.items()) + [("joint", result.joint)]
+    for name, s in rows:
+        table.add_row(name, f"{s.perplexity:.4f}", f"{s.mean_nll:.4f}", str(s.tokens), str(s.examples), str(s.truncated))
+    console.print(table)
+    if json_out is not None:
+        payload = {
+            "tool": "lorablocks",
+            "kind": "eval",
+            "model": model_id(model),
+            "adapters": [a.provenance() for a in loaded],
+            "weights": w,
+            "split": split,
+            "limit": limit,
+            "max_length": max_length,
+            "data": {d.name: {"source": d.source, "sha256": eval_set.fingerprints.get(d.name)} for d in domains},
+            **result.to_dict(),
+            "versions": versions(),
+        }
+        write_json(json_out, payload, force=force)
+        console.print(f"wrote [bold]{json_out}[/bold]", highlight=False)

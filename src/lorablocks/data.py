@@ -1,0 +1,465 @@
+"""Domain QA data: reading, the prompt template, answer-only tokenization and length-bucketed batches.
+
+**A domain** is one of
+
+* a folder with ``train.jsonl``, ``validation.jsonl`` and ``test.jsonl``;
+* one ``.jsonl`` file, which then serves every split that is asked for;
+* (online only) a hub dataset with a named converter: ``gsm8k``, ``medquad``, ``financial-qa-10k``,
+  ``mbpp``, ``pubmedqa`` (needs the optional ``datasets`` package and the network).
+
+Each JSONL line is an object with ``id``, ``question``, ``answer`` and an optional ``context`` (strings).
+
+**The prompt template** (the one place it is defined, :func:`format_prompt`)::
+
+    Context: {context}        <- this line only when the example has a context
+    Question: {question}
+    Answer:
+
+The answer follows as ``" " + answer`` and then the tokenizer's end-of-sequence token. Prompt and answer
+are tokenized separately, without special tokens, so the boundary is exact; **only the answer tokens and
+the EOS are counted** in the loss and in perplexity (label ``-100`` elsewhere).
+
+**Truncation** is explicit: an example longer than ``max_length`` tokens keeps
+``min(len(answer), max(max_length - len(prompt), max_length // 2))`` answer tokens from the start of the
+answer (the EOS is lost if the answer is cut) and the last ``max_length - kept`` prompt tokens, so the
+prompt still ends with ``Answer:``. Truncated examples are counted and reported.
+
+**Batches** use length bucketing, not packing: examples are sorted by length and grouped, and each batch
+is right-padded only to its own longest example. Padding is masked out of attention and never counted;
+with right padding and causal attention the real tokens see exactly what they would see alone, so a
+bucketed batch gives the same NLL as one example at a time (tested).
+
+``limit`` takes the first ``N`` examples of a split in file order (the provided files are shuffled when
+built; hub conversions are shuffled with seed 0), so a limited run is deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorablocks.errors import DataError
+from lorablocks.io import sha256_path
+
+__all__ = [
+    "SPLITS",
+    "HUB_CONVERTERS",
+    "Example",
+    "Domain",
+    "TokenizedExample",
+    "TokenizedSet",
+    "Batch",
+    "read_jsonl",
+    "resolve_domain",
+    "resolve_domains",
+    "format_prompt",
+    "format_answer",
+    "tokenize_examples",
+    "collate",
+    "bucket_by_tokens",
+    "bucket_window",
+]
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One question-answer pair (schema of ``../shared/data/README.md``)."""
+
+    id: str
+    question: str
+    answer: str
+    context: str | None = None
+
+
+def format_prompt(example: Example) -> str:
+    """The prompt: optional ``Context:`` line, ``Question:`` line, then ``Answer:``."""
+    head = f"Context: {example.context}\n" if example.context else ""
+    return f"{head}Question: {example.question}\nAnswer:"
+
+
+def format_answer(example: Example) -> str:
+    """The answer text that follows the prompt (the EOS token is appended at tokenization)."""
+    return " " + example.answer
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def _parse_line(obj: Any, path: Path, lineno: int) -> Example:
+    where = f"{path}:{lineno}"
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for key in ("question", "answer"):
+        if key not in obj:
+            raise DataError(f"{where}: missing field {key!r} (each line needs id, question, answer)")
+        if not isinstance(obj[key], str) or not obj[key].strip():
+            raise DataError(f"{where}: field {key!r} must be a non-empty string")
+    context = obj.get("context")
+    if context is not None and not isinstance(context, str):
+        raise DataError(f"{where}: field 'context' must be a string or absent")
+    ex_id = obj.get("id", f"{path.stem}-{lineno}")
+    if not isinstance(ex_id, (str, int)):
+        raise DataError(f"{where}: field 'id' must be a string")
+    return Example(id=str(ex_id), question=obj["question"], answer=obj["answer"], context=context or None)
+
+
+def read_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[Example]:
+    """Read a JSONL file of examples; raise :class:`DataError` naming the file and line of any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
+    out: list[Example] = []
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if limit is not None and len(out) >= limit:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                out.append(_parse_line(obj, path, lineno))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    if not out:
+        raise DataError(f"{path} holds no examples")
+    return out
+
+
+# --------------------------------------------------------------------------------------------- domains
+
+
+def _key(row: Mapping[str, Any], *names: str) -> Any:
+    lower = {k.lower(): v for k, v in row.items()}
+    for n in names:
+        if n.lower() in lower:
+            return lower[n.lower()]
+    raise DataError(f"hub row has none of the fields {names}; fields: {sorted(row)}")
+
+
+def _gsm8k(row: Mapping[str, Any], i: int) -> Example:
+    answer = re.sub(r"<<[^>]*>>", "", str(row["answer"]))
+    answer = re.sub(r"\n?####\s*(.+)\s*$", lambda m: f"\nThe answer is {m.group(1).strip()}.", answer)
+    return Example(id=f"gsm8k-{i}", question=" ".join(str(row["question"]).split()), answer=answer.strip())
+
+
+def _medquad(row: Mapping[str, Any], i: int) -> Example:
+    return Example(
+        id=f"medquad-{i}", question=" ".join(str(_key(row, "Question")).split()), answer=str(_key(row, "Answer"))
+    )
+
+
+def _finqa(row: Mapping[str, Any], i: int) -> Example:
+    context = row.get("context") or row.get("Context")
+    return Example(
+        id=f"finqa10k-{i}",
+        question=" ".join(str(_key(row, "question")).split()),
+        answer=str(_key(row, "answer")),
+        context=str(context) if context else None,
+    )
+
+
+def _mbpp(row: Mapping[str, Any], i: int) -> Example:
+    return Example(id=f"mbpp-{row.get('task_id', i)}", question=str(_key(row, "text", "prompt")), answer=str(row["code"]))
+
+
+def _pubmedqa(row: Mapping[str, Any], i: int) -> Example:
+    ctx = row.get("context")
+    if isinstance(ctx, Mapping):
+        ctx = " ".join(ctx.get("contexts", []))
+    return Example(
+        id=f"pubmedqa-{row.get('pubid', i)}", question=str(row["question"]), answer=str(row["long_answer"]),
+        context=str(ctx) if ctx else None,
+    )
+
+
+@dataclass(frozen=True)
+class HubConverter:
+    """How to turn one public hub dataset into the domain schema."""
+
+    dataset: str
+    subset: str | None
+    convert: Callable[[Mapping[str, Any], int], Example]
+    #: hub split names that exist; missing ones are carved deterministically (seed 0) from the first
+    hub_splits: tuple[str, ...] = ("train",)
+    #: fractions (validation, test) carved from the first split when the hub has only one
+    carve: tuple[float, float] = (0.1, 0.1)
+
+
+HUB_CONVERTERS: dict[str, HubConverter] = {
+    "gsm8k": HubConverter("openai/gsm8k", "main", _gsm8k, ("train", "test"), (0.067, 0.0)),
+    "medquad": HubConverter("keivalya/MedQuad-MedicalQnADataset", None, _medquad),
+    "financial-qa-10k": HubConverter("virattt/financial-qa-10K", None, _finqa),
+    "mbpp": HubConverter("google-research-datasets/mbpp", "full", _mbpp, ("train", "validation", "test")),
+    "pubmedqa": HubConverter("qiaojin/PubMedQA", "pqa_labeled", _pubmedqa, ("train",), (0.05, 0.5)),
+}
+
+
+@dataclass
+class Domain:
+    """A named source of examples for each split: a folder, one JSONL file, or a hub converter."""
+
+    name: str
+    source: str
+    kind: str  # "folder" | "file" | "hub"
+    _hub_cache: dict[str, list[Example]] = field(default_factory=dict, repr=False)
+
+    def path(self, split: str) -> Path | None:
+        """The file that holds ``split`` (``None`` for hub domains)."""
+        if split not in SPLITS:
+            raise DataError(f"unknown split {split!r}; splits are {', '.join(SPLITS)}")
+        if self.kind == "folder":
+            return Path(self.source) / f"{split}.jsonl"
+        if self.kind == "file":
+            return Path(self.source)
+        return None
+
+    def load(self, split: str, limit: int | None = None) -> list[Example]:
+        """The examples of ``split`` (the first ``limit`` of them if given)."""
+        if limit is not None and limit < 1:
+            raise DataError(f"--limit must be a positive integer, got {limit}")
+        path = self.path(split)
+        if path is not None:
+            return read_jsonl(path, limit)
+        rows = self._hub_split(split)
+        return rows[:limit] if limit is not None else rows
+
+    def fingerprint(self, split: str) -> str:
+        """SHA-256 of the split's file (hub domains: of the converter's dataset name and split)."""
+        path = self.path(split)
+        if path is not None:
+            if not path.is_file():
+                raise DataError(f"{path} does not exist")
+            return sha256_path(path)
+        import hashlib
+
+        return hashlib.sha256(f"hub:{HUB_CONVERTERS[self.source].dataset}:{split}".encode()).hexdigest()
+
+    def _hub_split(self, split: str) -> list[Example]:
+        if split not in self._hub_cache:
+            self._hub_cache.update(_load_hub(self.source))
+        return self._hub_cache[split]
+
+
+def _load_hub(name: str) -> dict[str, list[Example]]:
+    conv = HUB_CONVERTERS[name]
+    try:
+        import datasets  # optional dependency
+    except ImportError:
+        raise DataError(
+            f"hub dataset {name!r} needs the optional 'datasets' package and the network "
+            "(pip install datasets); offline, use a local domain folder such as ../shared/data/math"
+        ) from None
+    try:
+        raw = datasets.load_dataset(conv.dataset, conv.subset)
+    except Exception as exc:
+        raise DataError(
+            f"could not download hub dataset {conv.dataset} ({type(exc).__name__}); it needs the network. "
+            "Offline, use a local domain folder such as ../shared/data/math"
+        ) from None
+    out: dict[str, list[Example]] = {}
+    for split in conv.hub_splits:
+        rows = [conv.convert(row, i) for i, row in enumerate(raw[split])]
+        random.Random(0).shuffle(rows)
+        out[split] = rows
+    first = out[conv.hub_splits[0]]
+    n = len(first)
+    n_val = int(round(conv.carve[0] * n)) if "validation" not in out else 0
+    n_test = int(round(conv.carve[1] * n)) if "test" not in out else 0
+    if n_val:
+        out["validation"] = first[n - n_val - n_test : n - n_test]
+    if n_test:
+        out["test"] = first[n - n_test :]
+    out["train"] = first[: n - n_val - n_test]
+    return out
+
+
+def resolve_domain(spec: str | os.PathLike) -> Domain:
+    """Turn ``--data SPEC`` into a :class:`Domain` (folder, JSONL file or hub converter name)."""
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        missing = [s for s in SPLITS if not (path / f"{s}.jsonl").is_file()]
+        if len(missing) == len(SPLITS):
+            raise DataError(f"{path} is not a domain folder: it has none of train.jsonl, validation.jsonl, test.jsonl")
+        return Domain(name=path.resolve().name, source=str(path), kind="folder")
+    if path.is_file():
+        return Domain(name=path.stem, source=str(path), kind="file")
+    name = text.removeprefix("hub:")
+    if name in HUB_CONVERTERS:
+        return Domain(name=name, source=name, kind="hub")
+    raise DataError(
+        f"{text} does not exist; a domain is a folder with train/validation/test.jsonl, one .jsonl file, "
+        f"or a hub dataset ({', '.join(HUB_CONVERTERS)}; online only)"
+    )
+
+
+def resolve_domains(specs: Sequence[str | os.PathLike]) -> list[Domain]:
+    """Resolve several domains; names are made unique (``name``, ``name-2``, ...) in the given order."""
+    if not specs:
+        raise DataError("no data given; pass --data DOMAIN (a folder with train/validation/test.jsonl)")
+    out: list[Domain] = []
+    seen: dict[str, int] = {}
+    for spec in specs:
+        d = resolve_domain(spec)
+        if d.name in seen:
+            seen[d.name] += 1
+            d.name = f"{d.name}-{seen[d.name]}"
+        else:
+            seen[d.name] = 1
+        out.append(d)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- tokenization
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """Token ids of prompt + answer + EOS; the last ``len - n_prompt`` tokens are counted."""
+
+    input_ids: tuple[int, ...]
+    n_prompt: int
+    truncated: bool = False
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def n_answer(self) -> int:
+        """Counted (answer + EOS) tokens; a first token has no context, so it is never predicted."""
+        return len(self.input_ids) - max(self.n_prompt, 1)
+
+
+@dataclass
+class TokenizedSet:
+    """A tokenized split and how many of its examples were truncated."""
+
+    examples: list[TokenizedExample]
+    truncated: int
+    max_length: int
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    @property
+    def answer_tokens(self) -> int:
+        return sum(e.n_answer for e in self.examples)
+
+
+def _truncate(prompt: list[int], answer: list[int], max_length: int) -> tuple[list[int], list[int], bool]:
+    if len(prompt) + len(answer) <= max_length:
+        return prompt, answer, False
+    keep_a = min(len(answer), max(max_length - len(prompt), max_length // 2))
+    keep_p = max_length - keep_a
+    return (prompt[len(prompt) - keep_p :] if keep_p > 0 else []), answer[:keep_a], True
+
+
+def tokenize_examples(tokenizer: Any, examples: Sequence[Example], max_length: int) -> TokenizedSet:
+    """Tokenize prompts and answers separately (no special tokens), append EOS, truncate to ``max_length``."""
+    if max_length < 2:
+        raise DataError(f"max length must be at least 2 tokens, got {max_length}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no end-of-sequence token")
+    prompts = tokenizer([format_prompt(e) for e in examples], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([format_answer(e) for e in examples], add_special_tokens=False)["input_ids"]
+    out: list[TokenizedExample] = []
+    n_trunc = 0
+    for p, a in zip(prompts, answers):
+        p2, a2, cut = _truncate(list(p), list(a) + [eos], max_length)
+        n_trunc += cut
+        out.append(TokenizedExample(input_ids=tuple(p2 + a2), n_prompt=len(p2), truncated=cut))
+    return TokenizedSet(examples=out, truncated=n_trunc, max_length=max_length)
+
+
+# --------------------------------------------------------------------------------------------- batches
+
+
+@dataclass
+class Batch:
+    """Right-padded tensors for a group of examples.
+
+    ``target_mask[b, t]`` is true where position ``t`` predicts a counted token ``input_ids[b, t + 1]``;
+    ``labels`` is the transformers-style equivalent (``-100`` on prompt and padding).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    target_mask: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def answer_tokens(self) -> int:
+        return int(self.target_mask.sum())
+
+    def to(self, device: Any) -> Batch:
+        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.target_mask, self.labels)))
+
+
+def collate(examples: Sequence[TokenizedExample], pad_id: int) -> Batch:
+    """Right-pad ``examples`` to the longest of them."""
+    if not examples:
+        raise ValueError("cannot collate an empty batch")
+    T = max(len(e) for e in examples)
+    B = len(examples)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, T), dtype=torch.long)
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    target = torch.zeros((B, T), dtype=torch.bool)
+    for b, e in enumerate(examples):
+        n = len(e)
+        ids[b, :n] = torch.tensor(e.input_ids, dtype=torch.long)
+        attn[b, :n] = 1
+        labels[b, e.n_prompt : n] = ids[b, e.n_prompt : n]
+        # position t predicts token t+1; counted tokens are n_prompt..n-1 (a first token is never predicted)
+        target[b, max(e.n_prompt, 1) - 1 : n - 1] = True
+    if (labels[:, 0] != -100).any():
+        labels[:, 0] = -100  # nothing predicts the first token
+    return Batch(input_ids=ids, attention_mask=attn, target_mask=target, labels=labels)
+
+
+def bucket_by_tokens(lengths: Sequence[int], max_tokens: int, max_batch: int | None = None) -> list[list[int]]:
+    """Group indices by length (longest first) so each padded batch holds at most ``max_tokens`` tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        width = lengths[cur[0]] if cur else lengths[i]  # sorted descending: the first is the longest
+        if cur and ((len(cur) + 1) * width > max_tokens or (max_batch is not None and len(cur) >= max_batch)):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def bucket_window(indices: Sequence[int], lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Split a window of indices into batches of ``batch_size`` by length (each batch pads to its own max)."""
+    order = sorted(indices, key=lambda i: (lengths[i], i))
+    return [list(order[k : k + batch_size]) for k in range(0, len(order), batch_size)]
+
+
+def iter_chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
+    """Consecutive chunks of ``size`` items (the last may be shorter)."""
+    chunk: list[Any] = []
+    for x in items:
+        chunk.append(x)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -1,0 +1,243 @@
+"""Per-domain and joint token-weighted perplexity of a base model with a combination merged into it.
+
+``PPL = exp(total NLL of counted tokens / number of counted tokens)`` where counted tokens are the answer
+tokens and the EOS (never prompt or padding). The joint perplexity is the same formula over the union of
+the domains' examples, taking the same number of examples from each domain (the smallest domain's count,
+first examples in order).
+
+For a study that evaluates many combinations on one model, tokenize once with :func:`prepare_eval_set`
+and call :func:`evaluate_perplexity` per combination: each call merges the combination's delta into the
+weights, runs the bucketed batches and restores the exact original weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorablocks.algebra import LowRank
+from lorablocks.data import Batch, Domain, TokenizedSet, bucket_by_tokens, collate, tokenize_examples
+from lorablocks.errors import DataError
+from lorablocks.merge import check_delta_fits, merged
+
+__all__ = [
+    "AnswerNLL",
+    "answer_nll",
+    "DomainScore",
+    "EvalResult",
+    "EvalSet",
+    "prepare_eval_set",
+    "evaluate_perplexity",
+    "DEFAULT_EVAL_MAX_LENGTH",
+    "DEFAULT_EVAL_BATCH_TOKENS",
+]
+
+DEFAULT_EVAL_MAX_LENGTH = 512
+DEFAULT_EVAL_BATCH_TOKENS = 4096
+
+#: Model types whose logits are exactly ``lm_head(last_hidden_state)`` (no soft-capping or scaling),
+#: so the head can be applied to the counted positions only.
+_PLAIN_HEAD_TYPES = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3"}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+class AnswerNLL(nn.Module):
+    """Wraps a causal LM; ``forward`` returns per-row summed NLL of counted tokens and their counts.
+
+    For models with a plain output head the head runs only on the positions that predict counted tokens
+    (prompt positions need no vocabulary projection); otherwise full logits are computed. Cross-entropy is
+    taken in float32. Wrapping the loss in a module lets Accelerate/DDP wrap it for multi-process training.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        lm = _unwrap(model)
+        self.fast = getattr(lm.config, "model_type", None) in _PLAIN_HEAD_TYPES and (
+            getattr(lm.config, "final_logit_softcapping", None) is None
+        )
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        targets = input_ids[:, 1:][target_mask[:, :-1]]
+        if self.fast:
+            lm = _unwrap(self.model)
+            body = getattr(lm, lm.base_model_prefix)
+            hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            logits = lm.get_output_embeddings()(hidden[target_mask])
+        else:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            logits = out.logits[target_mask]
+        nll = nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+        rows = torch.nonzero(target_mask, as_tuple=True)[0]
+        B = input_ids.shape[0]
+        per_row = torch.zeros(B, dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
+        counts = target_mask.sum(dim=1)
+        return per_row, counts
+
+
+def answer_nll(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row summed NLL (float32) and counted-token counts of ``batch`` under ``model`` (no grad)."""
+    with torch.no_grad():
+        return AnswerNLL(model)(batch.input_ids, batch.attention_mask, batch.target_mask)
+
+
+@dataclass(frozen=True)
+class DomainScore:
+    """Summed NLL over ``tokens`` counted tokens of ``examples`` examples."""
+
+    nll: float
+    tokens: int
+    examples: int
+    truncated: int = 0
+
+    @property
+    def perplexity(self) -> float:
+        """``exp(nll / tokens)``."""
+        return math.exp(self.nll / self.tokens) if self.tokens else float("nan")
+
+    @property
+    def mean_nll(self) -> float:
+        return self.nll / self.tokens if self.tokens else float("nan")
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {
+            "perplexity": self.perplexity,
+            "nll": self.nll,
+            "mean_nll": self.mean_nll,
+            "tokens": self.tokens,
+            "examples": self.examples,
+            "truncated": self.truncated,
+        }
+
+
+@dataclass
+class EvalResult:
+    """Per-domain scores, the joint score, and per-example NLLs (for further analysis)."""
+
+    domains: dict[str, DomainScore]
+    joint: DomainScore
+    per_example: dict[str, list[tuple[float, int]]] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "domains": {n: s.to_dict() for n, s in self.domains.items()},
+            "joint": {**self.joint.to_dict(), "examples_per_domain": self.joint.examples // max(len(self.domains), 1)},
+        }
+
+
+@dataclass
+class EvalSet:
+    """Tokenized evaluation examples per domain with their length-bucketed batch plan (made once)."""
+
+    sets: dict[str, TokenizedSet]
+    split: str
+    batch_tokens: int
+    #: token id used to right-pad batches (masked out; never counted)
+    pad_id: int = 0
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    #: per domain: lists of example indices, longest batches first
+    plans: dict[str, list[list[int]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, ts in self.sets.items():
+            if name not in self.plans:
+                self.plans[name] = bucket_by_tokens([len(e) for e in ts.examples], self.batch_tokens)
+
+
+def prepare_eval_set(
+    tokenizer: Any,
+    domains: Sequence[Domain] | Mapping[str, Sequence[Any]],
+    split: str = "test",
+    limit: int | None = None,
+    max_length: int = DEFAULT_EVAL_MAX_LENGTH,
+    batch_tokens: int = DEFAULT_EVAL_BATCH_TOKENS,
+) -> EvalSet:
+    """Load and tokenize each domain's ``split`` once (``domains`` may also map names to Example lists)."""
+    if batch_tokens < max_length:
+        raise DataError(f"eval batch tokens ({batch_tokens}) must be at least the max length ({max_length})")
+    sets: dict[str, TokenizedSet] = {}
+    prints: dict[str, str] = {}
+    if isinstance(domains, Mapping):
+        items = [(name, list(exs)[:limit] if limit else list(exs)) for name, exs in domains.items()]
+    else:
+        items = []
+        for d in domains:
+            items.append((d.name, d.load(split, limit)))
+            prints[d.name] = d.fingerprint(split)
+    for name, examples in items:
+        if not examples:
+            raise DataError(f"domain {name} has no {split} examples")
+        sets[name] = tokenize_examples(tokenizer, examples, max_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return EvalSet(sets=sets, split=split, batch_tokens=batch_tokens, pad_id=int(pad), fingerprints=prints)
+
+
+@torch.no_grad()
+def _score(model: nn.Module, eval_set: EvalSet) -> dict[str, list[tuple[float, int]]]:
+    device = next(model.parameters()).device
+    loss = AnswerNLL(model)
+    pad = eval_set.pad_id
+    out: dict[str, list[tuple[float, int]]] = {}
+    for name, ts in eval_set.sets.items():
+        per: list[tuple[float, int]] = [(0.0, 0)] * len(ts.examples)
+        for idx in eval_set.plans[name]:
+            batch = collate([ts.examples[i] for i in idx], pad).to(device)
+            nll, cnt = loss(batch.input_ids, batch.attention_mask, batch.target_mask)
+            for i, v, c in zip(idx, nll.double().tolist(), cnt.tolist()):
+                per[i] = (v, int(c))
+        out[name] = per
+    return out
+
+
+def _aggregate(per_example: dict[str, list[tuple[float, int]]], eval_set: EvalSet) -> EvalResult:
+    domains = {
+        name: DomainScore(
+            nll=math.fsum(v for v, _ in per), tokens=sum(c for _, c in per), examples=len(per),
+            truncated=eval_set.sets[name].truncated,
+        )
+        for name, per in per_example.items()
+    }
+    m = min(len(per) for per in per_example.values())
+    joint_rows = [row for per in per_example.values() for row in per[:m]]
+    joint = DomainScore(
+        nll=math.fsum(v for v, _ in joint_rows), tokens=sum(c for _, c in joint_rows), examples=len(joint_rows),
+        truncated=sum(ts.examples[i].truncated for ts in eval_set.sets.values() for i in range(m)),
+    )
+    return EvalResult(domains=domains, joint=joint, per_example=per_example)
+
+
+def evaluate_perplexity(
+    model: nn.Module,
+    eval_set: EvalSet,
+    delta: Mapping[str, LowRank] | None = None,
+) -> EvalResult:
+    """Perplexity per domain and joint of ``model`` with ``delta`` merged into its weights.
+
+    ``delta`` (e.g. ``algebra.add([a.delta for a in adapters], weights)``) is checked against the model's
+    module shapes first, merged for the duration of the call and then the exact original weights are
+    restored, so one loaded model serves any number of combinations. ``delta=None`` scores the model as is.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        if delta:
+            check_delta_fits(model, delta)
+            with merged(model, delta):
+                per = _score(model, eval_set)
+        else:
+            per = _score(model, eval_set)
+    finally:
+        model.train(was_training)
+    return _aggregate(per, eval_set)

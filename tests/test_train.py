@@ -1,0 +1,253 @@
+"""Training: schedule, config validation, output record, resume == uninterrupted, 2 processes == 1, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorablocks import train as train_mod
+from lorablocks.cli import run_app
+from lorablocks.errors import ConfigError, OutputExistsError
+from lorablocks.train import RECORD_NAME, TrainConfig, batch_schedule, load_config, train_adapter
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cfg(model_dir, data, out, **kw):
+    base = dict(model=str(model_dir), data=[str(d) for d in data], out=str(out), max_steps=6, batch_size=4,
+                learning_rate=5e-3, warmup_steps=2, eval_every=3, val_limit=6, checkpoint_every=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _weights(path):
+    return load_file(str(Path(path) / "adapter_model.safetensors"))
+
+
+# ------------------------------------------------------------------------------------------ schedule
+
+
+def test_batch_schedule_is_pure_balanced_and_bucketed():
+    lengths = [[(i * 7) % 23 + 1 for i in range(10)], [(i * 5) % 17 + 1 for i in range(30)]]
+    s1 = batch_schedule([10, 30], lengths, batch_size=4, steps=20, seed=3, window=4)
+    assert s1 == batch_schedule([10, 30], lengths, batch_size=4, steps=20, seed=3, window=4)
+    assert s1 != batch_schedule([10, 30], lengths, batch_size=4, steps=20, seed=4, window=4)
+    assert len(s1) == 20 and all(len(b) == 4 for b in s1)
+    counts = Counter(k for b in s1 for k, _ in b)
+    assert counts[0] == counts[1] == 40  # balanced: the small domain is repeated, not drowned
+    # the small domain cycles through all its examples before repeating one
+    first = [i for b in s1 for k, i in b if k == 0]
+    assert sorted(first[:10]) == list(range(10)) or len(set(first)) == 10
+    for b in s1:  # each batch is sorted by length
+        ls = [lengths[k][i] for k, i in b]
+        assert ls == sorted(ls)
+
+
+# ------------------------------------------------------------------------------------------- config
+
+
+def test_config_reports_every_problem_at_once(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, {"r": 0, "learning_rate": -1.0, "batch_size": "x", "bogus": 1, "mixed_precision": "fp8"})
+    msg = str(exc.value)
+    for part in ("--r must be >= 1", "--learning-rate must be > 0", "--batch-size must be an integer",
+                 "unknown setting 'bogus'", "--mixed-precision", "--data", "--out"):
+        assert part in msg, part
+
+
+def test_config_file_then_flags(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data: [a, b]\nout: o\nlearning-rate: 0.01\nmax_steps: 7\nlimit: 5\ntargets: q_proj,v_proj\n")
+    cfg = load_config(f, {"max_steps": 9, "seed": None})
+    assert cfg.data == ["a", "b"] and cfg.learning_rate == 0.01 and cfg.max_steps == 9 and cfg.seed == 0
+    assert cfg.train_limit == 5 and cfg.targets == ["q_proj", "v_proj"]
+    (tmp_path / "bad.yaml").write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+# -------------------------------------------------------------------------------------------- train
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_train_writes_peft_adapter_and_record(kind, tiny_model_dirs, domains, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lorablocks.adapters import load_adapter
+
+    out = tmp_path / "ad"
+    res = train_adapter(_cfg(tiny_model_dirs[kind], [domains["math"]], out, max_steps=8), progress=False)
+    rec = json.loads((out / RECORD_NAME).read_text())
+    assert rec["steps"] == 8 and len(rec["loss_curve"]) == 8
+    assert [v["step"] for v in rec["validation"]] == [0, 3, 6, 8]
+    assert rec["domains"][0]["name"] == "math" and len(rec["domains"][0]["train_sha256"]) == 64
+    assert rec["config"]["r"] == 4 and rec["config"]["alpha"] == 64.0 and rec["versions"]["torch"]
+    assert rec["targets"] == (["c_attn", "c_proj"] if kind == "gpt2" else
+                              ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"])
+    # training lowered the loss on this learnable toy domain
+    assert rec["validation"][-1]["loss"] < rec["validation"][0]["loss"]
+    assert not Path(f"{out}.checkpoints").exists()
+    # a PEFT adapter that lorablocks and PEFT both read
+    ad = load_adapter(out)
+    assert ad.base_model == str(Path(tiny_model_dirs[kind]).resolve())
+    assert all(float(x.B.abs().sum()) > 0 for x in ad.delta.values())
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[kind])
+    PeftModel.from_pretrained(base, str(out))
+    # an existing output is refused before any work
+    with pytest.raises(OutputExistsError):
+        train_adapter(_cfg(tiny_model_dirs[kind], [domains["math"]], out), progress=False)
+    assert res.final_train_loss == rec["loss_curve"][-1]["loss"]
+
+
+def test_training_is_deterministic_and_seeded(tiny_model_dirs, domains, tmp_path):
+    m = tiny_model_dirs["llama"]
+    train_adapter(_cfg(m, [domains["words"]], tmp_path / "a", val_limit=0), progress=False)
+    train_adapter(_cfg(m, [domains["words"]], tmp_path / "b", val_limit=0), progress=False)
+    train_adapter(_cfg(m, [domains["words"]], tmp_path / "c", val_limit=0, seed=1), progress=False)
+    a, b, c = _weights(tmp_path / "a"), _weights(tmp_path / "b"), _weights(tmp_path / "c")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_equals_uninterrupted(tiny_model_dirs, domains, tmp_path, monkeypatch):
+    m = tiny_model_dirs["gpt2"]
+    data = [domains["math"], domains["words"]]
+    full = train_adapter(_cfg(m, data, tmp_path / "full", max_steps=9, checkpoint_every=4), progress=False)
+
+    real_save = train_mod._save_checkpoint
+
+    def save_then_crash(folder, step, *args, **kw):
+        real_save(folder, step, *args, **kw)
+        if step == 4:
+            raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_crash)
+    cfg = _cfg(m, data, tmp_path / "part", max_steps=9, checkpoint_every=4)
+    with pytest.raises(KeyboardInterrupt):
+        train_adapter(cfg, progress=False)
+    assert not (tmp_path / "part").exists()  # nothing half-written
+    assert (tmp_path / "part.checkpoints" / "step-0000004").is_dir()
+    monkeypatch.setattr(train_mod, "_save_checkpoint", real_save)
+
+    # a changed setting is refused on resume
+    with pytest.raises(ConfigError, match="learning_rate"):
+        train_adapter(_cfg(m, data, tmp_path / "part", max_steps=9, checkpoint_every=4, learning_rate=1e-3,
+                           resume=True), progress=False)
+    resumed = train_adapter(_cfg(m, data, tmp_path / "part", max_steps=9, checkpoint_every=4, resume=True),
+                            progress=False)
+    assert resumed.record["resumed_from"].endswith("step-0000004")
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "part")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert [e["loss"] for e in full.record["loss_curve"]] == [e["loss"] for e in resumed.record["loss_curve"]]
+    assert full.record["validation"] == resumed.record["validation"]
+
+
+def test_micro_batches_equal_full_batch(tiny_model_dirs, domains, tmp_path):
+    m = tiny_model_dirs["llama"]
+    train_adapter(_cfg(m, [domains["words"]], tmp_path / "a", val_limit=0), progress=False)
+    train_adapter(_cfg(m, [domains["words"]], tmp_path / "b", val_limit=0, micro_batch_size=1), progress=False)
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_reusing_a_loaded_model_leaves_it_untouched(tiny_model_dirs, domains, tmp_path):
+    from lorablocks.models import load_model
+
+    model, tok = load_model(str(tiny_model_dirs["llama"]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_adapter(_cfg(tiny_model_dirs["llama"], [domains["math"]], tmp_path / "a", val_limit=0),
+                  model=model, tokenizer=tok, progress=False)
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    train_adapter(_cfg(tiny_model_dirs["llama"], [domains["math"]], tmp_path / "b", val_limit=0), progress=False)
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_process_torchrun_matches_one_process(tiny_model_dirs, domains, tmp_path):
+    """``torchrun --nproc_per_node 2`` (two gloo processes on CPU) trains the same adapter as one process:
+    the loss is normalised by the global token count, so the gradient is the same token-weighted mean."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cli = Path(sys.executable).parent / "lorablocks"
+    if not torchrun.exists() or not cli.exists():
+        pytest.skip("torchrun or the lorablocks script is not installed in this environment")
+    args = ["train", "--model", str(tiny_model_dirs["gpt2"]), "--data", str(domains["math"]), str(domains["words"]),
+            "--max-steps", "5", "--batch-size", "4", "--lr", "5e-3", "--warmup-steps", "2", "--eval-every", "0",
+            "--val-limit", "6", "--checkpoint-every", "0", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(cli), *args,
+                           "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run_app([*args, "--out", str(tmp_path / "one")]) == 0
+    rec2 = json.loads((tmp_path / "two" / RECORD_NAME).read_text())
+    rec1 = json.loads((tmp_path / "one" / RECORD_NAME).read_text())
+    assert rec2["processes"] == 2 and rec1["processes"] == 1
+    for e1, e2 in zip(rec1["loss_curve"], rec2["loss_curve"]):
+        assert e1["answer_tokens"] == e2["answer_tokens"]
+        assert e2["loss"] == pytest.approx(e1["loss"], rel=1e-4)
+    assert rec2["validation"][-1]["loss"] == pytest.approx(rec1["validation"][-1]["loss"], rel=1e-4)
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5), k
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_train_flags_and_config_file(tiny_model_dirs, domains, tmp_path):
+    conf = tmp_path / "c.yaml"
+    conf.write_text(f"model: {tiny_model_dirs['llama']}\nmax_steps: 3\nbatch_size: 2\nval_limit: 2\n")
+    out = tmp_path / "o"
+    assert run_app(["train", "--config", str(conf), "--data", str(domains["math"]), "--data", str(domains["words"]),
+                    "--out", str(out), "--max-steps", "2", "--limit", "10", "--quiet"]) == 0
+    rec = json.loads((out / RECORD_NAME).read_text())
+    assert rec["steps"] == 2 and rec["config"]["batch_size"] == 2
+    assert [d["name"] for d in rec["domains"]] == ["math", "words"]
+    assert rec["domains"][0]["train_examples"] == 10
+
+
+def test_cli_train_bad_inputs(tiny_model_dirs, domains, tmp_path, capsys):
+    m = str(tiny_model_dirs["llama"])
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "train.jsonl").write_text('{"id": "1", "question": "q"}\n')
+    cases = [
+        (["--model", m, "--out", str(tmp_path / "x")], "--data"),
+        (["--model", m, "--data", str(domains["math"]), "--out", str(existing)], "exists"),
+        (["--model", m, "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "y")], "does not exist"),
+        (["--model", m, "--data", str(bad), "--out", str(tmp_path / "z")], "train.jsonl:1: missing field 'answer'"),
+        (["--model", m, "--data", str(domains["math"]), "--out", str(tmp_path / "w"), "--targets", "nope_proj"],
+         "nope_proj"),
+        (["--model", m, "--data", str(domains["math"]), "--out", str(tmp_path / "v"), "--r", "0", "--lr", "-1"],
+         "--r must be >= 1"),
+        (["--model", str(tmp_path / "nomodel"), "--data", str(domains["math"]), "--out", str(tmp_path / "u")],
+         "smollm2-135m"),
+    ]
+    for args, message in cases:
+        rc = run_app(["train", *args, "--quiet"])
+        err = " ".join(capsys.readouterr().err.split())
+        assert rc != 0, args
+        assert "Traceback" not in err
+        assert message in err, (args, message, err)
+
+
+@pytest.mark.xfail(reason="cli/app.py run_app checks click.ClickException, but typer 0.29 raises typer._click's "
+                          "NoSuchOption, so an unknown flag ends in a traceback (reported to the app.py owner)")
+def test_cli_unknown_flag_is_one_line(capsys):
+    assert run_app(["train", "--bogus-flag"]) == 2
+    assert "bogus" in capsys.readouterr().err
