@@ -215,3 +215,19 @@ def test_rank_in_config_must_match_weights(tmp_path):
 
 def test_vocab_constant_is_used():
     assert INPUT.max() < VOCAB
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_streamed_safetensors_reads_back_like_the_library(tmp_path, dtype):
+    from safetensors.torch import load_file
+
+    from tests.test_algebra import random_delta
+
+    delta = random_delta(41, rank=3)
+    save_adapter(delta, tmp_path / "x", base_model=None, dtype=dtype)
+    tensors = load_file(tmp_path / "x" / WEIGHTS_NAME)
+    assert len(tensors) == 2 * len(delta)
+    for name, x in delta.items():
+        a = tensors[f"base_model.model.{name}.lora_A.weight"]
+        assert a.dtype == dtype and torch.equal(a, x.A.to(dtype))
+        assert torch.equal(tensors[f"base_model.model.{name}.lora_B.weight"], x.B.to(dtype))

@@ -150,3 +150,33 @@ def test_console_script_has_no_traceback(tmp_path):
 def test_every_verb_has_help(verb, capsys):
     code, out, _ = run([verb, "--help"], capsys)
     assert code == 0 and "Usage" in out
+
+
+def test_subtracting_an_adapter_from_itself_is_refused_and_writes_nothing(tmp_path, adapters, capsys):
+    a = adapters[0]
+    code, _, err = run(["subtract", a, a, "--out", tmp_path / "zero"], capsys)
+    assert code == 2 and "exactly zero" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nan_found_mid_combine_leaves_nothing(tmp_path, adapters, capsys):
+    """Factors are read one module at a time; a NaN in a later module must still leave no output."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(adapters[1], bad)
+    tensors = load_file(bad / WEIGHTS_NAME)
+    last = sorted(k for k in tensors if "lora_B" in k)[-1]
+    tensors[last][0, 0] = float("nan")
+    save_file(tensors, bad / WEIGHTS_NAME)
+    code, _, err = run(["combine", adapters[0], bad, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "NaN or inf" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+
+
+def test_merge_into_a_folder_that_is_not_a_model(tmp_path, adapters, capsys):
+    code, _, err = run(["combine", adapters[0], "--merge-into", tmp_path, "--out", tmp_path / "m"], capsys)
+    assert code == 2 and "not a model folder" in err
+    assert not (tmp_path / "m").exists()

@@ -112,19 +112,25 @@ def check_finite(delta: Mapping[str, LowRank], label: str = "adapter") -> None:
                 raise NonFiniteError(f"{label}: module {name} has NaN or inf in its lora_{which} factor")
 
 
-def check_compatible(deltas: Sequence[Mapping[str, LowRank]], labels: Sequence[str] | None = None) -> None:
-    """Raise :class:`ShapeMismatchError` if a module appears with different ``(out, in)`` shapes."""
+def check_compatible(
+    deltas: Sequence[Mapping[str, LowRank | tuple[int, int]]], labels: Sequence[str] | None = None
+) -> None:
+    """Raise :class:`ShapeMismatchError` if a module appears with different ``(out, in)`` shapes.
+
+    Each mapping gives, per module, a :class:`LowRank` or just its ``(out, in)`` shape.
+    """
     labels = list(labels) if labels is not None else [f"adapter {i + 1}" for i in range(len(deltas))]
     seen: dict[str, tuple[tuple[int, int], str]] = {}
     for label, delta in zip(labels, deltas):
         for name, x in delta.items():
-            if name in seen and seen[name][0] != x.shape:
+            shape = x.shape if isinstance(x, LowRank) else tuple(x)
+            if name in seen and seen[name][0] != shape:
                 shape0, label0 = seen[name]
                 raise ShapeMismatchError(
-                    f"module {name} is {shape0[0]}x{shape0[1]} in {label0} but {x.shape[0]}x{x.shape[1]} "
+                    f"module {name} is {shape0[0]}x{shape0[1]} in {label0} but {shape[0]}x{shape[1]} "
                     f"in {label}: the adapters were trained on different base models"
                 )
-            seen.setdefault(name, (x.shape, label))
+            seen.setdefault(name, (shape, label))
 
 
 def scale(delta: Mapping[str, LowRank], w: float) -> Delta:
@@ -185,6 +191,11 @@ class CompressionReport:
     norm_sq: dict[str, float] = field(default_factory=dict)
     dropped_sq: dict[str, float] = field(default_factory=dict)
 
+    def update(self, other: "CompressionReport") -> None:
+        """Take in the modules of another report (e.g. when compressing one module at a time)."""
+        for key in ("rank_in", "rank_out", "rel_error", "norm_sq", "dropped_sq"):
+            getattr(self, key).update(getattr(other, key))
+
     @property
     def overall_rel_error(self) -> float:
         """``sqrt(sum dropped^2 / sum |dW|^2)`` over all modules."""
@@ -209,10 +220,9 @@ class CompressionReport:
 
 def _core_svd(x: LowRank) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``B @ A = Qb @ (U diag(S) Vh) @ Qa^T`` via two thin QRs and the SVD of the small ``Rb @ Ra^T``."""
-    B = x.B.to(COMPUTE_DTYPE)
-    A = x.A.to(COMPUTE_DTYPE)
-    Qb, Rb = torch.linalg.qr(B, mode="reduced")  # (out, k), (k, r)
-    Qa, Ra = torch.linalg.qr(A.T, mode="reduced")  # (in, k'), (k', r)
+    # the float64 copies are temporaries, freed as soon as each QR returns
+    Qb, Rb = torch.linalg.qr(x.B.to(COMPUTE_DTYPE), mode="reduced")  # (out, k), (k, r)
+    Qa, Ra = torch.linalg.qr(x.A.to(COMPUTE_DTYPE).T, mode="reduced")  # (in, k'), (k', r)
     core = Rb @ Ra.T  # (k, k')
     U, S, Vh = torch.linalg.svd(core, full_matrices=False)
     return Qb, U, S, Vh, Qa
@@ -279,7 +289,10 @@ def compress(
         if keep == 0:
             continue
         root = S[:keep].sqrt()
-        B = (Qb @ U[:, :keep]) * root
-        A = root[:, None] * (Vh[:keep] @ Qa.T)
+        # scale the small factors before the tall products: one (out x keep) temporary, not two
+        B = Qb @ (U[:, :keep] * root)
+        del Qb
+        A = (root[:, None] * Vh[:keep]) @ Qa.T
+        del Qa
         out[name] = LowRank(B=B.to(x.dtype), A=A.to(x.dtype))
     return out, report

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lorablocks import algebra
-from lorablocks.adapters import Adapter, load_adapter, save_adapter
+from lorablocks.adapters import Adapter, AdapterFile, AdapterWriter, load_adapter, open_adapter
 from lorablocks.errors import AdapterFormatError, LoraBlocksError, ShapeMismatchError
 from lorablocks.io import atomic_dir, check_output_free, utc_now, versions, write_json
 from lorablocks.overlap import adapter_stats, overlap_matrices
@@ -23,6 +23,7 @@ from lorablocks.overlap import adapter_stats, overlap_matrices
 __all__ = [
     "parse_rank",
     "parse_weights",
+    "open_adapters",
     "load_adapters",
     "CombineResult",
     "combine_adapters",
@@ -59,16 +60,20 @@ def parse_weights(text: str | None, n: int) -> list[float]:
     return weights
 
 
-def load_adapters(paths: Sequence[str | os.PathLike]) -> list[Adapter]:
-    """Load every adapter and check that they fit together (same fan_in_fan_out, same module shapes)."""
+def open_adapters(paths: Sequence[str | os.PathLike]) -> list[AdapterFile]:
+    """Open every adapter (headers only) and check that they fit together before any work."""
     if not paths:
         raise LoraBlocksError("no adapters given")
-    adapters = [load_adapter(p) for p in paths]
-    algebra.check_compatible([a.delta for a in adapters], [str(a.path) for a in adapters])
-    fifo = {a.fan_in_fan_out for a in adapters}
-    if len(fifo) > 1:
+    files = [open_adapter(p) for p in paths]
+    algebra.check_compatible([f.shapes for f in files], [str(f.path) for f in files])
+    if len({f.fan_in_fan_out for f in files}) > 1:
         raise ShapeMismatchError("the adapters disagree on fan_in_fan_out: they were made for different model types")
-    return adapters
+    return files
+
+
+def load_adapters(paths: Sequence[str | os.PathLike]) -> list[Adapter]:
+    """Open, check and read every adapter completely."""
+    return [f.load() for f in open_adapters(paths)]
 
 
 @dataclass
@@ -78,13 +83,57 @@ class CombineResult:
     record: dict[str, Any]
 
 
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise, inflating peak RSS module by module)."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
 def combine_adapters(
-    adapters: Sequence[Adapter], weights: Sequence[float], rank: str | int = "minimal", rtol: float = 1e-6
+    adapters: Sequence[AdapterFile | Adapter], weights: Sequence[float], rank: str | int = "minimal",
+    rtol: float = 1e-6, sink: Callable[[str, algebra.LowRank], None] | None = None,
 ) -> CombineResult:
-    """``sum_i w_i delta_i`` at the requested rank, with the record of what went in."""
-    total = algebra.add([a.delta for a in adapters], weights)
-    delta, report = algebra.compress(total, rank=rank, rtol=rtol)
-    bases = sorted({str(a.base_model) for a in adapters})
+    """``sum_i w_i delta_i`` at the requested rank, with the record of what went in.
+
+    Works one module at a time: the module's factors are read (from disk for an :class:`AdapterFile`),
+    concatenated and compressed before the next module is touched. With a ``sink`` (e.g.
+    :meth:`AdapterWriter.add`) each finished module is handed over and not kept (``result.delta`` stays
+    empty), so memory holds one module's inputs and output at a time, whatever the adapters' size.
+    """
+    if len(weights) != len(adapters):
+        raise LoraBlocksError(f"{len(weights)} weights for {len(adapters)} adapters")
+
+    def modules(a) -> list[str]:
+        return a.modules if isinstance(a, AdapterFile) else list(a.delta)
+
+    def factors(a, name: str) -> algebra.LowRank:
+        return a.factors(name) if isinstance(a, AdapterFile) else a.delta[name]
+
+    names = list(dict.fromkeys(n for a in adapters for n in modules(a)))
+    delta: algebra.Delta = {}
+    report = algebra.CompressionReport(mode=str(rank))
+    for name in names:
+        total = algebra.add([{name: factors(a, name)} if name in modules(a) else {} for a in adapters], weights)
+        out, rep = algebra.compress(total, rank=rank, rtol=rtol)
+        if sink is None:
+            delta.update(out)
+        else:
+            for module, x in out.items():
+                sink(module, x)
+        report.update(rep)
+        del total, out
+        _release_freed_memory()
     record = {
         "operation": "combine",
         "inputs": [a.provenance() for a in adapters],
@@ -92,7 +141,7 @@ def combine_adapters(
         "rank_mode": str(rank),
         "rtol": rtol,
         "truncation": report.to_dict(),
-        "base_models": bases,
+        "base_models": sorted({str(a.base_model) for a in adapters}),
     }
     return CombineResult(delta=delta, report=report, record=record)
 
@@ -109,24 +158,16 @@ def combine_files(
 ) -> CombineResult:
     """Combine adapter folders and write the result as an adapter, or merged into a model folder."""
     check_output_free(out, force)  # fail before any work
-    adapters = load_adapters(paths)
-    weights = list(weights) if weights is not None else [1.0] * len(adapters)
-    if len(weights) != len(adapters):
-        raise LoraBlocksError(f"{len(weights)} weights for {len(adapters)} adapters")
-    result = combine_adapters(adapters, weights, rank, rtol)
-    base = adapters[0].base_model
-    if merge_into is None:
-        save_adapter(
-            result.delta,
-            out,
-            base_model=base,
-            fan_in_fan_out=adapters[0].fan_in_fan_out,
-            task_type=adapters[0].config.get("task_type", "CAUSAL_LM"),
-            record=result.record,
-            force=force,
-        )
-    else:
+    files = open_adapters(paths)
+    weights = list(weights) if weights is not None else [1.0] * len(files)
+    if merge_into is not None:
+        result = combine_adapters(files, weights, rank, rtol)
         merge_model_folder(merge_into, result.delta, out, result.record, force=force)
+        return result
+    with AdapterWriter(out, base_model=files[0].base_model, fan_in_fan_out=files[0].fan_in_fan_out,
+                       task_type=files[0].config.get("task_type", "CAUSAL_LM"), force=force) as writer:
+        result = combine_adapters(files, weights, rank, rtol, sink=writer.add)
+        writer.record = result.record
     return result
 
 
@@ -141,9 +182,16 @@ def merge_model_folder(
 
     from lorablocks.merge import apply_delta
 
+    from lorablocks.models import BUILTIN_MODELS, resolve_model
+
+    if str(model_dir) in BUILTIN_MODELS:
+        model_dir = resolve_model(str(model_dir))  # the converted built-in model's folder
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
-        raise AdapterFormatError(f"{model_dir} is not a model folder (no config.json)")
+        raise AdapterFormatError(
+            f"{model_dir} is not a model folder (no config.json); --merge-into takes a local model folder "
+            f"or a built-in model name ({', '.join(BUILTIN_MODELS)})"
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", local_files_only=True)
     except (OSError, ValueError) as exc:

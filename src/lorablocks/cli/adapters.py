@@ -23,7 +23,7 @@ def _print_combine(result: compose.CombineResult, out: Path, what: str) -> None:
     ranks_in = sum(rep.rank_in.values())
     ranks_out = sum(rep.rank_out.values())
     console.print(
-        f"wrote {what} [bold]{out}[/bold]: {len(result.delta)} modules, total rank {ranks_in} -> {ranks_out} "
+        f"wrote {what} [bold]{out}[/bold]: {sum(r > 0 for r in rep.rank_out.values())} modules, total rank {ranks_in} -> {ranks_out} "
         f"({rep.mode}), relative Frobenius error {rep.overall_rel_error:.3g} "
         f"(worst module {rep.max_rel_error:.3g})",
         highlight=False,
