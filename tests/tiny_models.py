@@ -1,11 +1,14 @@
-"""Tiny GPT-2 and Llama models built in the test (no hub), and PEFT adapters on them with random B."""
+"""The shared tiny GPT-2 and Llama (``tests/conftest.py``) at a fixed small vocabulary, and PEFT adapters on
+them with random non-zero A and B."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+from tests import conftest
 
 GPT2_TARGETS = ["c_attn", "c_proj"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
@@ -13,17 +16,11 @@ VOCAB = 64
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0)
-    return GPT2LMHeadModel(cfg).eval()
+    return conftest.tiny_gpt2(VOCAB, seed)
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
+    return conftest.tiny_llama(VOCAB, seed)
 
 
 TINY = {"gpt2": (tiny_gpt2, GPT2_TARGETS), "llama": (tiny_llama, LLAMA_TARGETS)}

@@ -116,14 +116,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The whole pipeline in minutes, for checking (numbers are not meaningful).
     "smoke": {
         "domains": ["math", "medicine", "finance"],
-        "train": {"steps_per_domain": 4, "batch_size": 4, "max_length": 128, "train_limit": 64},
+        "train": {"steps_per_domain": 4, "batch_size": 4, "max_length": 128, "train_limit": 64, "val_limit": 8},
         "eval": {"limit": 12, "max_length": 192},
         "seeds": [0],
     },
     # The README's main command: numbers worth reading in under 20 minutes on 2 CPU cores.
     "quick": {
         "domains": ["math", "medicine", "finance"],
-        "train": {"steps_per_domain": 40, "batch_size": 8, "max_length": 192},
+        "train": {"steps_per_domain": 40, "batch_size": 8, "max_length": 192, "val_limit": 16},
         "eval": {"limit": 60, "max_length": 384},
         "seeds": [0],
     },
