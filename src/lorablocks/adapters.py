@@ -41,16 +41,12 @@ RECORD_NAME = "lorablocks.json"
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>A|B)(?:\.[^.]+)?\.weight$")
 
 
-@dataclass
-class Adapter:
-    """A loaded adapter: its delta (scale folded in), its PEFT config and where it came from."""
+class _Described:
+    """What an adapter's config and origin say, shared by loaded and opened adapters."""
 
-    delta: Delta
     config: dict[str, Any]
-    path: Path | None = None
-    sha256: str | None = None
-    #: per module: (stored rank r_m, alpha_m, scale s_m) as read from the config
-    module_scales: dict[str, tuple[int, float, float]] = field(default_factory=dict)
+    path: Path | None
+    sha256: str | None
 
     @property
     def base_model(self) -> str | None:
@@ -66,6 +62,18 @@ class Adapter:
 
     def provenance(self) -> dict[str, Any]:
         return {"path": str(self.path) if self.path else None, "sha256": self.sha256, "base_model": self.base_model}
+
+
+@dataclass
+class Adapter(_Described):
+    """A loaded adapter: its delta (scale folded in), its PEFT config and where it came from."""
+
+    delta: Delta
+    config: dict[str, Any]
+    path: Path | None = None
+    sha256: str | None = None
+    #: per module: (stored rank r_m, alpha_m, scale s_m) as read from the config
+    module_scales: dict[str, tuple[int, float, float]] = field(default_factory=dict)
 
 
 def _pattern_value(pattern: Mapping[str, Any], module: str, default: Any) -> Any:
@@ -114,7 +122,7 @@ def _check_supported(config: dict[str, Any], where: Path) -> None:
             raise AdapterFormatError(f"{where}: {key} must be a number, got {config[key]!r}")
 
 
-class AdapterFile:
+class AdapterFile(_Described):
     """An adapter folder opened and validated from its config and safetensors header, weights not yet read.
 
     ``factors(module)`` reads one module's two tensors on demand, so that file-level operations can work
@@ -198,17 +206,6 @@ class AdapterFile:
     @property
     def modules(self) -> list[str]:
         return list(self.keys)
-
-    @property
-    def base_model(self) -> str | None:
-        return self.config.get("base_model_name_or_path")
-
-    @property
-    def fan_in_fan_out(self) -> bool:
-        return bool(self.config.get("fan_in_fan_out", False))
-
-    def provenance(self) -> dict[str, Any]:
-        return {"path": str(self.path), "sha256": self.sha256, "base_model": self.base_model}
 
     def _read(self, fh: Any, module: str, dtype: torch.dtype) -> LowRank:
         key_a, key_b = self.keys[module]
