@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from lorablocks import train as train_mod
 from lorablocks.cli import run_app
+from lorablocks.data import TokenizedExample
 from lorablocks.errors import ConfigError, OutputExistsError
 from lorablocks.train import RECORD_NAME, TrainConfig, batch_schedule, load_config, train_adapter
 
@@ -157,10 +158,15 @@ def test_resume_equals_uninterrupted(tiny_model_dirs, domains, tmp_path, monkeyp
 def test_micro_batches_equal_full_batch(tiny_model_dirs, domains, tmp_path):
     m = tiny_model_dirs["llama"]
     train_adapter(_cfg(m, [domains["words"]], tmp_path / "a", val_limit=0), progress=False)
+    train_adapter(_cfg(m, [domains["words"]], tmp_path / "a", val_limit=0, micro_batch_tokens=0), progress=False)
     train_adapter(_cfg(m, [domains["words"]], tmp_path / "b", val_limit=0, micro_batch_size=1), progress=False)
-    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    train_adapter(_cfg(m, [domains["words"]], tmp_path / "c", val_limit=0, micro_batch_tokens=40), progress=False)
+    a, b, c = _weights(tmp_path / "a"), _weights(tmp_path / "b"), _weights(tmp_path / "c")
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+        assert torch.allclose(a[k], c[k], rtol=1e-4, atol=1e-6), k
+    assert [len(c) for c in train_mod._micro_batches(
+        [TokenizedExample(tuple(range(n)), 1) for n in (10, 20, 30, 40, 100)], 8, 64)] == [2, 1, 1, 1]
 
 
 def test_reusing_a_loaded_model_leaves_it_untouched(tiny_model_dirs, domains, tmp_path):

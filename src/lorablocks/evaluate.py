@@ -59,6 +59,9 @@ class AnswerNLL(nn.Module):
     taken in float32. Wrapping the loss in a module lets Accelerate/DDP wrap it for multi-process training.
     """
 
+    #: positions per vocabulary projection when no gradient is needed
+    chunk: int = 1024
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
@@ -75,11 +78,18 @@ class AnswerNLL(nn.Module):
             lm = _unwrap(self.model)
             body = getattr(lm, lm.base_model_prefix)
             hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-            logits = lm.get_output_embeddings()(hidden[target_mask])
+            selected = hidden[target_mask]
+            head = lm.get_output_embeddings()
+            if torch.is_grad_enabled():
+                nll = nn.functional.cross_entropy(head(selected).float(), targets, reduction="none")
+            else:  # evaluation: project in chunks so peak memory stays small with large vocabularies
+                nll = torch.cat([
+                    nn.functional.cross_entropy(head(selected[i : i + self.chunk]).float(), targets[i : i + self.chunk], reduction="none")
+                    for i in range(0, selected.shape[0], self.chunk)
+                ]) if selected.shape[0] else selected.new_zeros(0)
         else:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            logits = out.logits[target_mask]
-        nll = nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+            nll = nn.functional.cross_entropy(out.logits[target_mask].float(), targets, reduction="none")
         rows = torch.nonzero(target_mask, as_tuple=True)[0]
         B = input_ids.shape[0]
         per_row = torch.zeros(B, dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)

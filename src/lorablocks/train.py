@@ -72,7 +72,7 @@ class TrainConfig:
     #: dropout on the LoRA input (0 keeps runs identical across process counts)
     dropout: float = 0.0
     #: AdamW peak learning rate
-    learning_rate: float = 5e-4
+    learning_rate: float = 1e-3
     #: linear warm-up steps, then linear decay to zero at ``max_steps``
     warmup_steps: int = 10
     #: AdamW weight decay on the LoRA factors
@@ -83,6 +83,8 @@ class TrainConfig:
     batch_size: int = 8
     #: examples per forward/backward pass on each process (gradient accumulation); 0 means its whole share
     micro_batch_size: int = 0
+    #: padded tokens per forward/backward pass (bounds activation memory; the result is the same); 0 = no bound
+    micro_batch_tokens: int = 512
     #: maximum tokens per example (prompt + answer + EOS); longer ones are truncated and counted
     max_length: int = 256
     #: optimizer steps
@@ -139,6 +141,7 @@ class TrainConfig:
         need("max_grad_norm", lambda: self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
         need("batch_size", lambda: self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         need("micro_batch_size", lambda: self.micro_batch_size >= 0, f"--micro-batch-size must be >= 0, got {self.micro_batch_size}")
+        need("micro_batch_tokens", lambda: self.micro_batch_tokens >= 0, f"--micro-batch-tokens must be >= 0, got {self.micro_batch_tokens}")
         need("max_length", lambda: self.max_length >= 8, f"--max-length must be >= 8, got {self.max_length}")
         need("max_steps", lambda: self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}")
         need("bucket_window", lambda: self.bucket_window >= 1, f"--bucket-window must be >= 1, got {self.bucket_window}")
@@ -327,6 +330,25 @@ def batch_schedule(
     return out[:steps]
 
 
+def _micro_batches(exs: Sequence[TokenizedExample], size: int, tokens: int) -> list[list[TokenizedExample]]:
+    """Consecutive chunks of a process's share of a batch: at most ``size`` examples and, if ``tokens``,
+    at most ``tokens`` padded tokens each (always at least one example). The loss is normalised by the
+    global token count, so the chunking changes memory, not the result."""
+    chunks: list[list[TokenizedExample]] = []
+    cur: list[TokenizedExample] = []
+    width = 0
+    for e in exs:
+        w = max(width, len(e))
+        if cur and (len(cur) >= size or (tokens and (len(cur) + 1) * w > tokens)):
+            chunks.append(cur)
+            cur, w = [], len(e)
+        cur.append(e)
+        width = w
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
 def _has_accelerator() -> bool:
     """Whether torch sees a GPU-like device; without one Accelerate must be told ``cpu=True`` so that
     ``torchrun`` processes form a gloo group (MULTI_CPU) instead of each training alone."""
@@ -506,18 +528,20 @@ def train_adapter(
     if config.batch_size % world:
         raise ConfigError(f"--batch-size {config.batch_size} is not divisible by the {world} processes")
 
+    # Data first, so that a bad file is reported before any model is loaded.
+    train_raw = [d.load("train", config.train_limit) for d in domains]
+    # Validation: the first val_limit examples of each domain's validation split (skipped if one lacks it).
+    val_raw = []
+    if config.val_limit and all(d.kind != "folder" or d.path("validation").is_file() for d in domains):
+        val_raw = [d.load("validation", config.val_limit) for d in domains]
+
     if model is None:
         model, tokenizer = load_model(config.model, cache_dir=config.cache_dir)
     elif tokenizer is None:
         raise ConfigError("train_adapter: pass the tokenizer together with the model")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    # Data: tokenized once; validation examples per domain.
-    train_sets = [tokenize_examples(tokenizer, d.load("train", config.train_limit), config.max_length) for d in domains]
-    # Validation: the first val_limit examples of each domain's validation split (skipped if one lacks it).
-    val_sets = []
-    if config.val_limit and all(d.kind != "folder" or d.path("validation").is_file() for d in domains):
-        val_sets = [tokenize_examples(tokenizer, d.load("validation", config.val_limit), config.max_length) for d in domains]
+    train_sets = [tokenize_examples(tokenizer, exs, config.max_length) for exs in train_raw]
+    val_sets = [tokenize_examples(tokenizer, exs, config.max_length) for exs in val_raw]
     schedule = batch_schedule(
         [len(ts) for ts in train_sets], [[len(e) for e in ts.examples] for ts in train_sets],
         config.batch_size, config.max_steps, config.seed, config.bucket_window,
@@ -536,121 +560,129 @@ def train_adapter(
         peft_model = get_peft_model(model, lora)
     except ValueError as exc:
         raise ConfigError(f"--targets {','.join(targets)}: {str(exc).splitlines()[0]}") from None
-    peft_model.peft_config["default"].base_model_name_or_path = model_id(config.model)
-    loss_mod = AnswerNLL(peft_model)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.warmup_steps, config.max_steps))
-    wrapped, optimizer = accelerator.prepare(loss_mod, optimizer)
-    device = accelerator.device
-
-    state: dict[str, Any] = {"step": 0, "loss_curve": [], "validation": [], "config": config.to_dict(), "seconds": 0.0}
-    if resume_from is not None:
-        state = _load_checkpoint(resume_from, peft_model, optimizer, scheduler, accelerator)
-        diffs = [
-            k for k in state["config"]
-            if k not in _RUN_ONLY and state["config"][k] != config.to_dict().get(k)
-        ]
-        if diffs:
-            raise ConfigError(
-                f"--resume: checkpoint {resume_from} was made with different settings: "
-                + ", ".join(f"{k}={state['config'][k]!r} (now {config.to_dict()[k]!r})" for k in diffs)
-            )
-        state["config"] = config.to_dict()
-
-    micro = config.micro_batch_size or config.batch_size // world
-    val_batch_tokens = max(4096, config.max_length)
-
-    def validate(step: int) -> None:
-        if not val_sets:
-            return
-        res = _validation_loss(loss_mod, [v.examples for v in val_sets], pad, val_batch_tokens, accelerator)
-        total_nll, total_tok = sum(s for s, _ in res), sum(c for _, c in res)
-        entry = {
-            "step": step,
-            "loss": total_nll / max(total_tok, 1),
-            "domains": {d.name: s / max(c, 1) for d, (s, c) in zip(domains, res)},
-        }
-        state["validation"].append(entry)
-        bar.log(f"step {step}: validation loss {entry['loss']:.4f}")
-
-    bar = _Progress(progress and accelerator.is_main_process, config.max_steps, state["step"])
-    wrapped.train()
-    t_start = time.perf_counter()
-    tokens_seen = 0
     try:
-        if state["step"] == 0 and not state["validation"]:
-            validate(0)
-        for step in range(state["step"], config.max_steps):
-            items = schedule[step][rank::world]
-            exs = [train_sets[k].examples[i] for k, i in items]
-            cnt_local = sum(e.n_answer for e in exs)
-            counts = accelerator.reduce(torch.tensor([cnt_local], dtype=torch.float64, device=device), reduction="sum")
-            global_count = float(counts[0])
-            step_nll = torch.zeros((), dtype=torch.float64, device=device)
-            chunks = [exs[c : c + micro] for c in range(0, len(exs), micro)]
-            for c, chunk in enumerate(chunks):
-                b = collate(chunk, pad).to(device)
-                sync = c == len(chunks) - 1
-                ctx = accelerator.no_sync(wrapped) if not sync else contextlib.nullcontext()
-                with ctx:
-                    nll, _ = wrapped(b.input_ids, b.attention_mask, b.target_mask)
-                    loss = nll.sum() * world / max(global_count, 1.0)
-                    accelerator.backward(loss)
-                step_nll += nll.detach().double().sum()
-            if config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step_nll = accelerator.reduce(step_nll, reduction="sum")
-            step_loss = float(step_nll) / max(global_count, 1.0)
-            tokens_seen += int(global_count)
-            elapsed = time.perf_counter() - t_start
-            state["loss_curve"].append(
-                {"step": step + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "answer_tokens": int(global_count)}
-            )
-            state["step"] = step + 1
-            bar.update(step + 1, f"loss {step_loss:.4f}  {tokens_seen / max(elapsed, 1e-9):,.0f} answer tok/s")
-            last = step + 1 == config.max_steps
-            if config.eval_every and (step + 1) % config.eval_every == 0 and not last:
-                validate(step + 1)
-            if last:
-                validate(step + 1)
-            if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and not last:
-                state["seconds"] = state.get("seconds", 0.0) + (time.perf_counter() - t_start)
-                t_start = time.perf_counter()
-                tokens_seen = 0
-                _save_checkpoint(ckpt_dir, step + 1, peft_model, optimizer, scheduler, state, accelerator)
-    finally:
-        bar.close()
-    seconds = state.get("seconds", 0.0) + (time.perf_counter() - t_start)
+        peft_model.peft_config["default"].base_model_name_or_path = model_id(config.model)
+        loss_mod = AnswerNLL(peft_model)
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.warmup_steps, config.max_steps))
+        wrapped, optimizer = accelerator.prepare(loss_mod, optimizer)
+        device = accelerator.device
 
-    record = {
-        "tool": "lorablocks",
-        "kind": "train",
-        "created": utc_now(),
-        "base_model": model_id(config.model),
-        "config": config.to_dict(),
-        "targets": targets,
-        "domains": _data_records(domains, train_sets, config.train_limit),
-        "validation_examples": {d.name: len(v) for d, v in zip(domains, val_sets)},
-        "processes": world,
-        "steps": state["step"],
-        "train_seconds": seconds,
-        "answer_tokens_per_second": sum(e["answer_tokens"] for e in state["loss_curve"]) / max(seconds, 1e-9),
-        "loss_curve": state["loss_curve"],
-        "validation": state["validation"],
-        "resumed_from": str(resume_from) if resume_from else None,
-        "versions": versions(),
-    }
-    if accelerator.is_main_process:
-        with atomic_dir(out, force=config.force) as tmp:
-            peft_model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
-            (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2, default=str) + "\n")
-        if ckpt_dir.is_dir() and not config.keep_checkpoints:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    peft_model.unload()  # give the caller its base model back, without LoRA layers
+        state: dict[str, Any] = {"step": 0, "loss_curve": [], "validation": [], "config": config.to_dict(), "seconds": 0.0}
+        if resume_from is not None:
+            state = _load_checkpoint(resume_from, peft_model, optimizer, scheduler, accelerator)
+            diffs = [
+                k for k in state["config"]
+                if k not in _RUN_ONLY and state["config"][k] != config.to_dict().get(k)
+            ]
+            if diffs:
+                raise ConfigError(
+                    f"--resume: checkpoint {resume_from} was made with different settings: "
+                    + ", ".join(f"{k}={state['config'][k]!r} (now {config.to_dict()[k]!r})" for k in diffs)
+                )
+            state["config"] = config.to_dict()
+
+        micro = config.micro_batch_size or config.batch_size // world
+        val_batch_tokens = max(4096, config.max_length)
+
+        def validate(step: int) -> None:
+            if not val_sets:
+                return
+            t0 = time.perf_counter()
+            res = _validation_loss(loss_mod, [v.examples for v in val_sets], pad, val_batch_tokens, accelerator)
+            total_nll, total_tok = sum(s for s, _ in res), sum(c for _, c in res)
+            entry = {
+                "step": step,
+                "loss": total_nll / max(total_tok, 1),
+                "domains": {d.name: s / max(c, 1) for d, (s, c) in zip(domains, res)},
+            }
+            state["validation"].append(entry)
+            state["validation_seconds"] = state.get("validation_seconds", 0.0) + time.perf_counter() - t0
+            bar.log(f"step {step}: validation loss {entry['loss']:.4f}")
+
+        bar = _Progress(progress and accelerator.is_main_process, config.max_steps, state["step"])
+        wrapped.train()
+        t_start = time.perf_counter()
+        tokens_seen = 0
+        try:
+            if state["step"] == 0 and not state["validation"]:
+                validate(0)
+            for step in range(state["step"], config.max_steps):
+                items = schedule[step][rank::world]
+                exs = [train_sets[k].examples[i] for k, i in items]
+                cnt_local = sum(e.n_answer for e in exs)
+                counts = accelerator.reduce(torch.tensor([cnt_local], dtype=torch.float64, device=device), reduction="sum")
+                global_count = float(counts[0])
+                step_nll = torch.zeros((), dtype=torch.float64, device=device)
+                chunks = _micro_batches(exs, micro, config.micro_batch_tokens)
+                for c, chunk in enumerate(chunks):
+                    b = collate(chunk, pad).to(device)
+                    sync = c == len(chunks) - 1
+                    ctx = accelerator.no_sync(wrapped) if not sync else contextlib.nullcontext()
+                    with ctx:
+                        nll, _ = wrapped(b.input_ids, b.attention_mask, b.target_mask)
+                        loss = nll.sum() * world / max(global_count, 1.0)
+                        accelerator.backward(loss)
+                    step_nll += nll.detach().double().sum()
+                if config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                lr_used = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step_nll = accelerator.reduce(step_nll, reduction="sum")
+                step_loss = float(step_nll) / max(global_count, 1.0)
+                tokens_seen += int(global_count)
+                elapsed = time.perf_counter() - t_start
+                state["loss_curve"].append(
+                    {"step": step + 1, "loss": step_loss, "lr": lr_used, "answer_tokens": int(global_count)}
+                )
+                state["step"] = step + 1
+                bar.update(step + 1, f"loss {step_loss:.4f}  {tokens_seen / max(elapsed, 1e-9):,.0f} answer tok/s")
+                last = step + 1 == config.max_steps
+                if config.eval_every and (step + 1) % config.eval_every == 0 and not last:
+                    validate(step + 1)
+                if last:
+                    validate(step + 1)
+                if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and not last:
+                    state["seconds"] = state.get("seconds", 0.0) + (time.perf_counter() - t_start)
+                    t_start = time.perf_counter()
+                    tokens_seen = 0
+                    _save_checkpoint(ckpt_dir, step + 1, peft_model, optimizer, scheduler, state, accelerator)
+        finally:
+            bar.close()
+        seconds = state.get("seconds", 0.0) + (time.perf_counter() - t_start)
+
+        record = {
+            "tool": "lorablocks",
+            "kind": "train",
+            "created": utc_now(),
+            "base_model": model_id(config.model),
+            "config": config.to_dict(),
+            "targets": targets,
+            "domains": _data_records(domains, train_sets, config.train_limit),
+            "validation_examples": {d.name: len(v) for d, v in zip(domains, val_sets)},
+            "processes": world,
+            "steps": state["step"],
+            "train_seconds": seconds,
+            "validation_seconds": state.get("validation_seconds", 0.0),
+            # training throughput excludes the time spent on validation
+            "answer_tokens_per_second": sum(e["answer_tokens"] for e in state["loss_curve"])
+            / max(seconds - state.get("validation_seconds", 0.0), 1e-9),
+            "loss_curve": state["loss_curve"],
+            "validation": state["validation"],
+            "resumed_from": str(resume_from) if resume_from else None,
+            "versions": versions(),
+        }
+        if accelerator.is_main_process:
+            with atomic_dir(out, force=config.force) as tmp:
+                peft_model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
+                (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2, default=str) + "\n")
+            if ckpt_dir.is_dir() and not config.keep_checkpoints:
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
+        accelerator.wait_for_everyone()
+    finally:
+        peft_model.unload()  # give the caller its base model back, without LoRA layers
     return TrainResult(adapter=out, record=record)
 
