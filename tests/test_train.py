@@ -157,7 +157,6 @@ def test_resume_equals_uninterrupted(tiny_model_dirs, domains, tmp_path, monkeyp
 
 def test_micro_batches_equal_full_batch(tiny_model_dirs, domains, tmp_path):
     m = tiny_model_dirs["llama"]
-    train_adapter(_cfg(m, [domains["words"]], tmp_path / "a", val_limit=0), progress=False)
     train_adapter(_cfg(m, [domains["words"]], tmp_path / "a", val_limit=0, micro_batch_tokens=0), progress=False)
     train_adapter(_cfg(m, [domains["words"]], tmp_path / "b", val_limit=0, micro_batch_size=1), progress=False)
     train_adapter(_cfg(m, [domains["words"]], tmp_path / "c", val_limit=0, micro_batch_tokens=40), progress=False)
