@@ -22,7 +22,6 @@ import argparse
 import copy
 import json
 import math
-import resource
 import subprocess
 import sys
 import tempfile
@@ -143,16 +142,20 @@ def bench_train(model, tok, domain: Domain, args) -> dict:
 
 
 def bench_memory(args) -> dict:
+    """Peak resident memory of a fresh training process, read from its own ``VmHWM`` (a forked child's
+    ``ru_maxrss`` would include the parent's memory from before ``exec``)."""
     code = (
         "import sys, torch; torch.set_num_threads(%d)\n"
         "from lorablocks.train import TrainConfig, train_adapter\n"
         "train_adapter(TrainConfig(model=%r, data=[%r], out=sys.argv[1], batch_size=%d, max_length=%d, max_steps=%d,"
         " train_limit=%d, val_limit=16, checkpoint_every=0), progress=False)\n"
+        "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])\n"
     ) % (args.threads, args.model, args.data, args.batch_size, args.max_length, min(args.steps, 3), args.train_limit)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-c", code, str(Path(tmp) / "a")], check=True, capture_output=True)
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"peak_rss_gb": peak_kb / 1024**2, "floor_gb": 4.0, "max_length": args.max_length, "batch_size": args.batch_size}
+        proc = subprocess.run([sys.executable, "-c", code, str(Path(tmp) / "a")], check=True, capture_output=True, text=True)
+    peak_kb = int(proc.stdout.strip().splitlines()[-1])
+    return {"peak_rss_gb": peak_kb / 1024**2, "floor_gb": 4.0, "max_length": args.max_length, "batch_size": args.batch_size,
+            "micro_batch_tokens": TrainConfig().micro_batch_tokens}
 
 
 def main() -> None:
@@ -167,28 +170,37 @@ def main() -> None:
     ap.add_argument("--eval-batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--parts", default="eval,train,memory", help="comma-separated subset of eval,train,memory")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     domain = Domain("bench", args.data, "folder")
-    model, tok = load_model(args.model)
     results = {"args": vars(args), "torch_threads": torch.get_num_threads()}
-    results["eval"] = bench_eval(model, tok, domain, args.eval_limit, 512, args.eval_batch, args.repeats)
-    e = results["eval"]
-    print(f"eval:   lorablocks {e['lorablocks_tokens_per_s']:.0f} tok/s vs transformers loop "
-          f"{e['transformers_tokens_per_s']:.0f} tok/s -> {e['ratio']:.2f}x (floor 0.95x)", flush=True)
-    results["train"] = bench_train(model, tok, domain, args)
-    t = results["train"]
-    print(f"train:  lorablocks {t['lorablocks_answer_tokens_per_s']:.0f} answer tok/s vs HF Trainer+PEFT "
-          f"{t['hf_trainer_answer_tokens_per_s']:.0f} -> {t['ratio']:.2f}x (floor 1.0x)", flush=True)
-    results["memory"] = bench_memory(args)
-    m = results["memory"]
-    print(f"memory: peak RSS of training {m['peak_rss_gb']:.2f} GB (floor < 4 GB; batch {args.batch_size} x "
-          f"{args.max_length} tokens)", flush=True)
+    if "memory" in parts:
+        results["memory"] = bench_memory(args)
+        m = results["memory"]
+        print(f"memory: peak RSS of training {m['peak_rss_gb']:.2f} GB (floor < 4 GB; batch {args.batch_size} x "
+              f"{args.max_length} tokens, micro-batches of {m['micro_batch_tokens']} tokens)", flush=True)
+    if parts <= {"memory"}:
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        return
+    model, tok = load_model(args.model)
+    if "eval" in parts:
+        results["eval"] = bench_eval(model, tok, domain, args.eval_limit, 512, args.eval_batch, args.repeats)
+        e = results["eval"]
+        print(f"eval:   lorablocks {e['lorablocks_tokens_per_s']:.0f} tok/s vs transformers loop "
+              f"{e['transformers_tokens_per_s']:.0f} tok/s -> {e['ratio']:.2f}x (floor 0.95x)", flush=True)
+    if "train" in parts:
+        results["train"] = bench_train(model, tok, domain, args)
+        t = results["train"]
+        print(f"train:  lorablocks {t['lorablocks_answer_tokens_per_s']:.0f} answer tok/s vs HF Trainer+PEFT "
+              f"{t['hf_trainer_answer_tokens_per_s']:.0f} -> {t['ratio']:.2f}x (floor 1.0x)", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
