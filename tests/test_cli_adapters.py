@@ -180,3 +180,10 @@ def test_merge_into_a_folder_that_is_not_a_model(tmp_path, adapters, capsys):
     code, _, err = run(["combine", adapters[0], "--merge-into", tmp_path, "--out", tmp_path / "m"], capsys)
     assert code == 2 and "not a model folder" in err
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("argv", [["combine", "--bogus"], ["nosuchverb"], ["combine"], ["similarity", "--json"]])
+def test_usage_errors_are_reported_without_traceback(argv, capsys):
+    code, out, err = run(argv, capsys)
+    assert code == 2
+    assert "Traceback" not in out + err and ("Usage" in out + err or "Error" in out + err)

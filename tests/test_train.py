@@ -251,8 +251,6 @@ def test_cli_train_bad_inputs(tiny_model_dirs, domains, tmp_path, capsys):
         assert message in err, (args, message, err)
 
 
-@pytest.mark.xfail(reason="cli/app.py run_app checks click.ClickException, but typer 0.29 raises typer._click's "
-                          "NoSuchOption, so an unknown flag ends in a traceback (reported to the app.py owner)")
 def test_cli_unknown_flag_is_one_line(capsys):
     assert run_app(["train", "--bogus-flag"]) == 2
     assert "bogus" in capsys.readouterr().err

@@ -55,24 +55,28 @@ def run_app(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/bold red] (outputs are written atomically; nothing half-written)")
         return 130
-    except (typer.BadParameter, typer.Abort) as exc:  # pragma: no cover - click handles most of these
-        console.print(f"[bold red]error:[/bold red] {exc}")
-        return 2
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+    except Exception as exc:  # usage errors: Typer vendors its own click (typer._click) since 0.29
+        if _is_click(exc, "ClickException"):
             exc.show()
+            return getattr(exc, "exit_code", 2)
+        if _is_click(exc, "Exit"):
             return exc.exit_code
-        if isinstance(exc, click.exceptions.Exit):
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
+        if _is_click(exc, "Abort"):
             return 1
         if isinstance(exc, (MemoryError, OSError)):
             console.print(f"[bold red]error:[/bold red] {type(exc).__name__}: {exc}")
             return 2
         raise
     return 0
+
+
+def _is_click(exc: BaseException, name: str) -> bool:
+    """``exc`` is an instance of click's exception ``name``, from click itself or Typer's vendored copy."""
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(exc, cls):
+            return True
+    return False
 
 
 def main() -> None:
