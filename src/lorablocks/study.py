@@ -123,8 +123,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The README's main command: numbers worth reading in under 20 minutes on 2 CPU cores.
     "quick": {
         "domains": ["math", "medicine", "finance"],
-        "train": {"steps_per_domain": 40, "batch_size": 8, "max_length": 192, "val_limit": 16},
-        "eval": {"limit": 60, "max_length": 384},
+        "train": {"steps_per_domain": 8, "batch_size": 8, "max_length": 128, "val_limit": 8},
+        "eval": {"limit": 20, "max_length": 192},
         "seeds": [0],
     },
     # The full run: the paper's three seeds, longer training, larger held-out sets.
@@ -267,6 +267,7 @@ def run_study(
     (cache / "evals").mkdir(parents=True, exist_ok=True)
     if threads:
         torch.set_num_threads(threads)
+    device = "cuda" if torch.cuda.is_available() else None  # one model serves training and evaluation
 
     t_start = time.perf_counter()
     specs = [_domain_path(d, data_root) for d in config.domains]
@@ -307,7 +308,7 @@ def run_study(
         kind = "single" if len(subset) == 1 else "merged-data"
         log(f"[{i + 1}/{len(todo)}] training {kind} adapter {_tag(subset)} (seed {seed}){eta}")
         if model is None:
-            model, tokenizer = load_model(config.model, cache_dir=cache_dir)
+            model, tokenizer = load_model(config.model, cache_dir=cache_dir, device=device)
         _train_block(config, [by_name[d] for d in subset], seed, path, cache_dir, model, tokenizer)
         done_steps += config.train.steps_per_domain * len(subset)
     result.timings["training_s"] = time.perf_counter() - t0
@@ -350,7 +351,7 @@ def run_study(
     t0 = time.perf_counter()
     if pending:
         if model is None:
-            model, tokenizer = load_model(config.model, cache_dir=cache_dir)
+            model, tokenizer = load_model(config.model, cache_dir=cache_dir, device=device)
         eval_set = prepare_eval_set(tokenizer, domains, split=config.eval.split, limit=config.eval.limit,
                                     max_length=config.eval.max_length)
         for i, (label, kind, seed, subset, recipe, path) in enumerate(pending):
