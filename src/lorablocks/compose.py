@@ -17,7 +17,7 @@ from typing import Any
 from lorablocks import algebra
 from lorablocks.adapters import Adapter, AdapterFile, AdapterWriter, load_adapter, open_adapter
 from lorablocks.errors import AdapterFormatError, LoraBlocksError, ShapeMismatchError
-from lorablocks.io import atomic_dir, check_output_free, utc_now, versions, write_json
+from lorablocks.io import atomic_dir, check_output_free, utc_now, versions
 from lorablocks.overlap import adapter_stats, overlap_matrices
 
 __all__ = [
@@ -210,10 +210,6 @@ def merge_model_folder(
     return Path(out)
 
 
-def _label(a: Adapter) -> str:
-    return str(a.path) if a.path is not None else "adapter"
-
-
 def similarity_report(paths: Sequence[str | os.PathLike]) -> dict[str, Any]:
     """The overlap of N adapters: N x N RMS and mean cosine, and per-module cosines per pair."""
     adapters = load_adapters(paths)
@@ -226,15 +222,15 @@ def similarity_report(paths: Sequence[str | os.PathLike]) -> dict[str, Any]:
         return None if math.isnan(v) else v
 
     return {
-        "adapters": [_label(a) for a in adapters],
+        "adapters": [str(a.path) for a in adapters],
         "sha256": [a.sha256 for a in adapters],
         "rms_cosine": [[clean(v) for v in row] for row in rms],
         "mean_cosine": [[clean(v) for v in row] for row in mean],
         "set": {"rms_cosine": clean(set_rms), "mean_cosine": clean(set_mean)},
         "pairs": [
             {
-                "a": _label(adapters[i]),
-                "b": _label(adapters[j]),
+                "a": str(adapters[i].path),
+                "b": str(adapters[j].path),
                 "rms_cosine": clean(p.rms_cosine),
                 "mean_cosine": clean(p.mean_cosine),
                 "modules": {m: clean(c) for m, c in p.cosines.items()},
@@ -271,7 +267,3 @@ def inspect_report(path: str | os.PathLike) -> dict[str, Any]:
             for m in a.delta
         },
     }
-
-
-def write_report(obj: dict, path: str | os.PathLike, force: bool = False) -> None:
-    write_json(path, obj, force=force)

@@ -16,6 +16,7 @@ __all__ = ["write_report", "REPORT_SECTIONS"]
 
 #: Headings every report has (the tests check them).
 REPORT_SECTIONS = [
+    "## Summary",
     "## Setup",
     "## Perplexity per domain",
     "## Naive sum vs merged-data training",
@@ -113,6 +114,44 @@ def _plots(result, out: Path) -> dict[str, str]:
     return files
 
 
+def _summary(result) -> list[str]:
+    """A few sentences computed from the numbers: when naive summation worked here, when not, and why."""
+    lines = []
+    merged = [s for s in result.subsets if s["has_merged"]]
+    if merged:
+        ch = [s["change_vs_merged_pct"]["joint"] for s in merged]
+        better = [("+".join(s["domains"])) for s, c in zip(merged, ch) if c < 0]
+        lines.append(
+            f"- Naive sum vs merged-data LoRA (joint perplexity): {min(ch):+.2f} % to {max(ch):+.2f} % over "
+            f"{len(ch)} subsets; the sum was better on {len(better)} ({', '.join(better) or 'none'})."
+        )
+    n = len(result.domains)
+    off = [result.overlap["rms_cosine"][i][j] for i in range(n) for j in range(i + 1, n)]
+    off = [v for v in off if v is not None and not math.isnan(v)]
+    if off:
+        lines.append(f"- Overlap: pairwise RMS cosine of the single-domain deltas {min(off):.3f} to {max(off):.3f} "
+                     "(1 = same direction, 0 = orthogonal).")
+    fit = result.fit
+    if fit.get("slope") is not None:
+        caution = " Too few points to be conclusive." if fit["n"] < 6 else ""
+        lines.append(f"- Change vs RMS cosine over {fit['n']} points: slope {fit['slope']:.3g} % per unit cosine, "
+                     f"Pearson r {_f(fit['pearson_r'], 2)}, Spearman rho {_f(fit['spearman_rho'], 2)}.{caution}")
+    deg = [d for d in result.degradation if d["blocks"] >= 2]
+    if deg:
+        means = [d["mean_change_vs_single_pct"] for d in deg]
+        trend = ("grows with" if all(b > a for a, b in zip(means, means[1:])) and means[0] > 0
+                 else "does not grow steadily with")
+        lines.append(f"- Interference {trend} the number of blocks: own-domain perplexity vs the single adapter "
+                     + ", ".join(f"{_pct(d['mean_change_vs_single_pct'])} with {d['blocks']}" for d in deg) + ".")
+    if result.unlearning:
+        vb = [u["forgotten_vs_base_pct"] for u in result.unlearning]
+        diff = max(u["max_delta_rel_diff_vs_sum_without"] for u in result.unlearning)
+        lines.append(f"- Unlearning: after subtracting a block its domain's perplexity is {min(vb):+.2f} % to "
+                     f"{max(vb):+.2f} % from the base model's; the subtracted delta equals the sum built without "
+                     f"the block to {diff:.1e} (relative).")
+    return lines
+
+
 def _finite(obj: Any) -> Any:
     """NaN/inf become null so that results.json is strict JSON."""
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -147,6 +186,7 @@ def write_report(result, out: str | Path, command: str = "") -> Path:
            "domain, their exact sum compared with a LoRA trained on the merged data, overlap (cosine) as a "
            "predictor of interference, and unlearning by subtraction.", ""]
 
+    md += ["## Summary", "", *_summary(result), ""]
     md += ["## Setup", ""]
     md += [f"- model: `{cfg['model']}`; domains: {', '.join(doms)}; seeds: {cfg['seeds']}",
            f"- LoRA: rank {cfg['lora']['r']}, alpha {cfg['lora']['alpha']}, dropout {cfg['lora']['dropout']}, "
@@ -213,17 +253,19 @@ def write_report(result, out: str | Path, command: str = "") -> Path:
                     _pct(d["max_change_vs_single_pct"]), str(d["n"])] for d in result.degradation]), ""]
 
     md += ["## Unlearning", "",
-           "From the sum of all blocks subtract one. The forgotten domain's perplexity should return toward the "
-           "base model's, the others should stay; the result must equal the sum built without it (float error).", ""]
+           "From the sum of all blocks subtract one. The forgotten domain's perplexity should rise back to the "
+           "base model's (or above, where the remaining blocks interfere with it), the others should stay; the "
+           "subtracted delta must equal the sum built without it (relative Frobenius difference, float error).", ""]
     rows = []
     for u in result.unlearning:
         f = u["forgotten"]
         rows.append([u["domain"], _f(f["base"]), _f(f["sum_all"]), _f(f["unlearned"]), _f(f["sum_without"]),
-                     _f(u["recovered_toward_base_pct"], 1) + " %",
+                     _pct(u["forgotten_vs_sum_all_pct"]), _pct(u["forgotten_vs_base_pct"]),
                      ", ".join(f"{e} {_pct(v)}" for e, v in u["others_change_pct"].items()),
                      f"{u['max_delta_rel_diff_vs_sum_without']:.1e}"])
     md += [_table(["forgotten", "PPL base", "PPL sum of all", "PPL after subtracting", "PPL sum without it",
-                   "gap to base closed", "others vs sum of all", "|delta - sum without| rel."], rows), ""]
+                   "after vs sum of all", "after vs base", "others vs sum of all", "delta vs sum without (rel. diff)"],
+                  rows), ""]
 
     md += ["## Training", "", f"![training loss]({files['training']})", ""]
     md += [_table(["adapter", "seed", "steps", "first loss", "last loss"],

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from lorablocks import compose
 from lorablocks.cli.app import app, console
-from lorablocks.io import check_output_free
+from lorablocks.io import check_output_free, write_json
 
 RankOpt = Annotated[str, typer.Option("--rank", help="concat (exact, rank sum r), minimal (exact, smallest rank) or N (truncate; error reported).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace the output if it exists.")]
@@ -88,7 +88,7 @@ def similarity_cmd(
     console.print(f"set of {len(names)}: RMS cosine {rep['set']['rms_cosine']}, mean cosine {rep['set']['mean_cosine']}",
                   highlight=False)
     if json_out is not None:
-        compose.write_report(rep, json_out, force=force)
+        write_json(json_out, rep, force=force)
         console.print(f"wrote {json_out}")
     if plot is not None:
         from lorablocks.plots import heatmap
