@@ -47,8 +47,11 @@ def _run(argv) -> int:
 def _numbers(out: Path) -> dict:
     res = json.loads((out / "results.json").read_text())
     res.pop("timings")
-    for t in res["training"]:
+    for t in res["training"]:  # wall-clock time and location are not results
         t.pop("path")
+        t.pop("seconds")
+    for e in res["evaluations"]:
+        e.pop("seconds")
     return res
 
 

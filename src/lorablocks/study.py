@@ -116,8 +116,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The whole pipeline in minutes, for checking (numbers are not meaningful).
     "smoke": {
         "domains": ["math", "medicine", "finance"],
-        "train": {"steps_per_domain": 4, "batch_size": 4, "max_length": 128, "train_limit": 64, "val_limit": 8},
-        "eval": {"limit": 12, "max_length": 192},
+        "train": {"steps_per_domain": 3, "batch_size": 4, "max_length": 96, "train_limit": 64, "val_limit": 4},
+        "eval": {"limit": 8, "max_length": 128},
         "seeds": [0],
     },
     # The README's main command: numbers worth reading in under 20 minutes on 2 CPU cores.
@@ -314,8 +314,11 @@ def run_study(
     result.timings["training_s"] = time.perf_counter() - t0
     for (seed, subset), path in adapter_dirs.items():
         rec_path = path / "lorablocks_train.json"
-        curve = json.loads(rec_path.read_text()).get("loss_curve", []) if rec_path.is_file() else []
-        result.training.append({"seed": seed, "subset": list(subset), "path": str(path), "loss_curve": curve})
+        rec = json.loads(rec_path.read_text()) if rec_path.is_file() else {}
+        result.training.append({"seed": seed, "subset": list(subset), "path": str(path),
+                                "loss_curve": rec.get("loss_curve", []), "validation": rec.get("validation", []),
+                                "seconds": rec.get("train_seconds", 0.0) + rec.get("validation_seconds", 0.0)})
+    result.timings["training_compute_s"] = sum(t["seconds"] for t in result.training)
 
     # ---- stage 3+4: evaluation ------------------------------------------------------------------------
     from lorablocks.adapters import load_adapter
@@ -360,8 +363,10 @@ def run_study(
                 eta = f", about {(time.perf_counter() - t0) / i * (len(pending) - i) / 60:.1f} min of evaluation left"
             log(f"[{i + 1}/{len(pending)}] evaluating {label} (seed {seed}){eta}")
             delta = algebra.add([deltas[k] for k, _ in recipe], [w for _, w in recipe]) if recipe else None
+            t_eval = time.perf_counter()
             res = evaluate_perplexity(model, eval_set, delta)
             rec = {"label": label, "kind": kind, "seed": seed, "subset": list(subset),
+                   "seconds": time.perf_counter() - t_eval,
                    "domains": {n: s.to_dict() for n, s in res.domains.items()},
                    "per_example": {n: [list(r) for r in rows] for n, rows in res.per_example.items()}}
             write_json(path, rec, force=True)
@@ -374,6 +379,7 @@ def run_study(
         rec["domains"] = {rename.get(n, n): v for n, v in rec["domains"].items()}
         rec["per_example"] = {rename.get(n, n): v for n, v in rec["per_example"].items()}
     result.evaluations = [{k: v for k, v in rec.items() if k != "per_example"} for rec in cached.values()]
+    result.timings["evaluation_compute_s"] = sum(rec.get("seconds", 0.0) for rec in cached.values())
 
     # ---- stage 5: analysis ----------------------------------------------------------------------------
     from lorablocks.analysis import analyse
