@@ -13,6 +13,7 @@ from tests.conftest import make_examples, tiny_gpt2, tiny_llama
 from lorablocks.cli import run_app
 from lorablocks.data import Example, collate, tokenize_examples
 from lorablocks.evaluate import AnswerNLL, DomainScore, answer_nll, evaluate_perplexity, prepare_eval_set
+from tests.tiny_models import make_peft_adapter
 
 
 def _examples(n=8, domain="words", seed=0):
@@ -98,19 +99,8 @@ def test_bucketed_batches_equal_one_by_one(tiny_model, tok):
 
 
 def _random_adapter(model, kind, path, seed):
-    """Save a PEFT LoRA adapter on ``model`` with random non-zero A and B (model left untouched)."""
-    from peft import LoraConfig, get_peft_model
-
-    targets = ["c_attn", "c_proj"] if kind == "gpt2" else ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
-    pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=64, target_modules=targets,
-                                                          fan_in_fan_out=kind == "gpt2"))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    pm.save_pretrained(path)
-    return path
+    """Save a PEFT LoRA adapter on a copy of ``model`` with random non-zero A and B (model left untouched)."""
+    return make_peft_adapter(kind, path, seed, r=4, alpha=64, model=copy.deepcopy(model), std=0.05)
 
 
 def test_adapter_equals_merged_model_equals_peft(tiny_model, tok, tmp_path):

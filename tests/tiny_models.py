@@ -26,12 +26,14 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
 TINY = {"gpt2": (tiny_gpt2, GPT2_TARGETS), "llama": (tiny_llama, LLAMA_TARGETS)}
 
 
-def make_peft_adapter(kind: str, out: Path, seed: int, r: int = 4, alpha: float = 8.0, **lora_kwargs) -> Path:
-    """Save a PEFT LoRA adapter for a tiny model with random non-zero A and B."""
+def make_peft_adapter(kind: str, out: Path, seed: int, r: int = 4, alpha: float = 8.0, *, model=None,
+                      std: float = 0.3, **lora_kwargs) -> Path:
+    """Save a PEFT LoRA adapter for a tiny model (``model``, which is wrapped in place, or a fresh one) with
+    random non-zero A and B of standard deviation ``std``."""
     from peft import LoraConfig, get_peft_model
 
     build, targets = TINY[kind]
-    model = build()
+    model = build() if model is None else model
     cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=lora_kwargs.pop("target_modules", targets),
                      lora_dropout=0.0, fan_in_fan_out=(kind == "gpt2"), **lora_kwargs)
     peft_model = get_peft_model(model, cfg)
@@ -39,6 +41,6 @@ def make_peft_adapter(kind: str, out: Path, seed: int, r: int = 4, alpha: float 
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+                p.copy_(torch.randn(p.shape, generator=g) * std)
     peft_model.save_pretrained(out)
     return out
