@@ -323,8 +323,9 @@ def run_study(
     # ---- stage 3+4: evaluation ------------------------------------------------------------------------
     from lorablocks.adapters import load_adapter
 
-    deltas = {k: load_adapter(p).delta for k, p in adapter_dirs.items()}
-    adapter_prints = {k: load_adapter(p).sha256 for k, p in adapter_dirs.items()}
+    loaded = {k: load_adapter(p) for k, p in adapter_dirs.items()}
+    deltas = {k: a.delta for k, a in loaded.items()}
+    adapter_prints = {k: a.sha256 for k, a in loaded.items()}
 
     evals: list[tuple[str, str, int | None, tuple[str, ...], list[tuple[tuple, float]]]] = [("base", "base", None, (), [])]
     for seed in config.seeds:
