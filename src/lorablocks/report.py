@@ -222,7 +222,7 @@ def write_report(result, out: str | Path, command: str = "") -> Path:
         rows.append(["+".join(s["domains"]), _f(s["rms_cosine"], 4), _f(s["mean_cosine"], 4),
                      _f(s["sum"]["joint"]), _f(s["merged"]["joint"]), _pct(ch["joint"]),
                      ", ".join(f"{d} {_pct(ch[d])}" for d in s["domains"]),
-                     _pct(s["paper_change_pct"]) if s["paper_change_pct"] is not None else "-"])
+                     _pct(s["paper_change_pct"])])
     md += [_table(["subset", "RMS cos", "mean cos", "PPL sum (joint)", "PPL merged (joint)", "change (joint)",
                    "change per domain", "paper"], rows), ""]
     rows = [["+".join(s["domains"]), ", ".join(f"{d} {_pct(v)}" for d, v in s["change_vs_single_pct"].items())]

@@ -18,20 +18,6 @@ from lorablocks.errors import LoraBlocksError, ShapeMismatchError
 _MULTI = {"allow_extra_args": True}
 
 
-def _quiet_transformers() -> None:
-    """No download/loading progress bars or advisory warnings from transformers on the console."""
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except Exception:  # pragma: no cover - cosmetic only
-        pass
-
-
 def _extras(ctx: typer.Context) -> list[str]:
     bad = [a for a in ctx.args if a.startswith("-")]
     if bad:
@@ -54,7 +40,6 @@ def prepare_model_cmd(
     """Convert a built-in model (GGUF in an installed package) once to a float32 folder, for offline use."""
     from lorablocks.models import builtin_path, prepare_model
 
-    _quiet_transformers()
     existed = (builtin_path(model, cache_dir) / "config.json").is_file() if model else False
     path = prepare_model(model, cache_dir=cache_dir, force=force)
     what = "ready (cached)" if existed and not force else "converted"
@@ -97,7 +82,6 @@ def train_cmd(
     """Train a LoRA adapter on one domain, or the merged-data adapter on several (balanced)."""
     from lorablocks.train import load_config, train_adapter
 
-    _quiet_transformers()
     domains = list(data or []) + _extras(ctx)
     overrides = {
         "data": domains or None, "out": out, "model": model, "targets": targets, "r": r, "alpha": alpha,
@@ -153,7 +137,6 @@ def eval_cmd(
     from lorablocks.merge import check_delta_fits
     from lorablocks.models import load_model, model_id, same_base_model
 
-    _quiet_transformers()
     # Extra values after a flag: adapter folders (they hold adapter_config.json) or domains.
     adapters_in = list(adapter or [])
     domains_in = list(data or [])
