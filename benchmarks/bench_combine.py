@@ -82,9 +82,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from lorablocks import algebra  # noqa: E402
-from lorablocks.adapters import load_adapter  # noqa: E402
-from lorablocks.overlap import overlap_matrices  # noqa: E402
+from lorablocks.core import algebra  # noqa: E402
+from lorablocks.files.adapters import load_adapter  # noqa: E402
+from lorablocks.core.overlap import overlap_matrices  # noqa: E402
 
 #: TinyLlama-1.1B projections, (out, in) as in nn.Linear.
 SHAPES = {

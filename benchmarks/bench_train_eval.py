@@ -4,11 +4,11 @@
 
 Measured side by side in one run, on the same loaded model and the same examples:
 
-1. **evaluation**: counted (answer + EOS) tokens per second of :func:`lorablocks.evaluate.evaluate_perplexity`
+1. **evaluation**: counted (answer + EOS) tokens per second of :func:`lorablocks.training.evaluate.evaluate_perplexity`
    (length-bucketed batches, output head on counted positions only) versus a plain transformers loop:
    batches of ``--eval-batch`` examples in file order, right-padded, ``model(input_ids, attention_mask,
    labels)``. Both compute the same NLL (checked). Floor: 0.95x.
-2. **training**: answer tokens per second of :func:`lorablocks.train.train_adapter` versus HF ``Trainer``
+2. **training**: answer tokens per second of :func:`lorablocks.training.train.train_adapter` versus HF ``Trainer``
    + PEFT with the same model, training examples, batch size, LoRA config (r, alpha, targets), optimizer
    (AdamW, same learning rate, warm-up, linear decay) and number of steps. Floor: 1.0x.
 3. **peak memory** (max RSS) of a separate ``lorablocks train`` process on the default model. Floor: < 4 GB.
@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from lorablocks.data import Domain, collate, tokenize_examples
-from lorablocks.evaluate import evaluate_perplexity, prepare_eval_set
-from lorablocks.models import default_targets, load_model
-from lorablocks.train import TrainConfig, train_adapter
+from lorablocks.training.data import Domain, collate, tokenize_examples
+from lorablocks.training.evaluate import evaluate_perplexity, prepare_eval_set
+from lorablocks.model.models import default_targets, load_model
+from lorablocks.training.train import TrainConfig, train_adapter
 
 
 def _hf_eval(model, examples, pad_id: int, batch: int) -> tuple[float, int]:
@@ -86,7 +86,7 @@ def _hf_trainer_run(model, tok, domain: Domain, args, lr: float, warmup: int) ->
     seen = {"tokens": 0}
 
     def collator(batch):
-        from lorablocks.data import TokenizedExample
+        from lorablocks.training.data import TokenizedExample
 
         b = collate([TokenizedExample(tuple(r["input_ids"]), r["n_prompt"]) for r in batch], tok.pad_token_id)
         seen["tokens"] += int((b.labels[:, 1:] != -100).sum())
@@ -146,7 +146,7 @@ def bench_memory(args) -> dict:
     ``ru_maxrss`` would include the parent's memory from before ``exec``)."""
     code = (
         "import sys, torch; torch.set_num_threads(%d)\n"
-        "from lorablocks.train import TrainConfig, train_adapter\n"
+        "from lorablocks.training.train import TrainConfig, train_adapter\n"
         "train_adapter(TrainConfig(model=%r, data=[%r], out=sys.argv[1], batch_size=%d, max_length=%d, max_steps=%d,"
         " train_limit=%d, val_limit=16, checkpoint_every=0), progress=False)\n"
         "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])\n"

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from lorablocks.models import load_model
-from lorablocks.train import TrainConfig, train_adapter
+from lorablocks.model.models import load_model
+from lorablocks.training.train import TrainConfig, train_adapter
 
 
 def main() -> None:

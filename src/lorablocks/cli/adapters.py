@@ -9,9 +9,9 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from lorablocks import compose
+from lorablocks.compose import operations as compose
 from lorablocks.cli.app import app, console
-from lorablocks.io import check_output_free, write_json
+from lorablocks.files.outputs import check_output_free, write_json
 
 RankOpt = Annotated[str, typer.Option("--rank", help="concat (exact, rank sum r), minimal (exact, smallest rank) or N (truncate; error reported).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace the output if it exists.")]
@@ -91,7 +91,7 @@ def similarity_cmd(
         write_json(json_out, rep, force=force)
         console.print(f"wrote {json_out}")
     if plot is not None:
-        from lorablocks.plots import heatmap
+        from lorablocks.study.plots import heatmap
 
         heatmap(rep["rms_cosine"], names, plot, force=force)
         console.print(f"wrote {plot}")

@@ -25,8 +25,8 @@ def study_cmd(
     force: Annotated[bool, typer.Option("--force", help="Use --out even if it holds something other than a study.")] = False,
 ) -> None:
     """Train per-domain adapters, sum them, compare with merged-data training, fit change vs overlap, unlearn."""
-    from lorablocks.report import write_report
-    from lorablocks.study import load_config, run_study
+    from lorablocks.study.report import write_report
+    from lorablocks.study.pipeline import load_config, run_study
 
     overrides: dict = {}
     if model:

@@ -38,7 +38,7 @@ def prepare_model_cmd(
     force: Annotated[bool, typer.Option("--force", help="Convert again even if the cache folder exists.")] = False,
 ) -> None:
     """Convert a built-in model (GGUF in an installed package) once to a float32 folder, for offline use."""
-    from lorablocks.models import builtin_path, prepare_model
+    from lorablocks.model.models import builtin_path, prepare_model
 
     existed = (builtin_path(model, cache_dir) / "config.json").is_file() if model else False
     path = prepare_model(model, cache_dir=cache_dir, force=force)
@@ -80,7 +80,7 @@ def train_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Train a LoRA adapter on one domain, or the merged-data adapter on several (balanced)."""
-    from lorablocks.train import load_config, train_adapter
+    from lorablocks.training.train import load_config, train_adapter
 
     domains = list(data or []) + _extras(ctx)
     overrides = {
@@ -128,14 +128,14 @@ def eval_cmd(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --json file.")] = False,
 ) -> None:
     """Per-domain and joint token-weighted perplexity, with the adapters' weighted sum merged in."""
-    from lorablocks import algebra
-    from lorablocks.adapters import load_adapter
-    from lorablocks.compose import parse_weights
-    from lorablocks.data import resolve_domains
-    from lorablocks.evaluate import evaluate_perplexity, prepare_eval_set
-    from lorablocks.io import check_output_free, versions, write_json
-    from lorablocks.merge import check_delta_fits
-    from lorablocks.models import load_model, model_id, same_base_model
+    from lorablocks.core import algebra
+    from lorablocks.files.adapters import load_adapter
+    from lorablocks.compose.operations import parse_weights
+    from lorablocks.training.data import resolve_domains
+    from lorablocks.training.evaluate import evaluate_perplexity, prepare_eval_set
+    from lorablocks.files.outputs import check_output_free, versions, write_json
+    from lorablocks.model.merge import check_delta_fits
+    from lorablocks.model.models import load_model, model_id, same_base_model
 
     # Extra values after a flag: adapter folders (they hold adapter_config.json) or domains.
     adapters_in = list(adapter or [])

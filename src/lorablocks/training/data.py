@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from lorablocks.errors import DataError
-from lorablocks.io import sha256_path
+from lorablocks.files.outputs import sha256_path
 
 __all__ = [
     "SPLITS",

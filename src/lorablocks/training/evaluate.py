@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorablocks.algebra import LowRank
-from lorablocks.data import Batch, Domain, TokenizedSet, bucket_by_tokens, collate, tokenize_examples
+from lorablocks.core.algebra import LowRank
+from lorablocks.training.data import Batch, Domain, TokenizedSet, bucket_by_tokens, collate, tokenize_examples
 from lorablocks.errors import DataError
-from lorablocks.merge import check_delta_fits, merged
+from lorablocks.model.merge import check_delta_fits, merged
 
 __all__ = [
     "AnswerNLL",

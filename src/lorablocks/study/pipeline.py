@@ -32,10 +32,10 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from lorablocks import algebra
+from lorablocks.core import algebra
 from lorablocks.errors import ConfigError, LoraBlocksError
-from lorablocks.io import versions, write_json
-from lorablocks.train import TrainConfig
+from lorablocks.files.outputs import versions, write_json
+from lorablocks.training.train import TrainConfig
 
 __all__ = [
     "LoraSettings",
@@ -216,7 +216,7 @@ def _tag(subset: Sequence[str]) -> str:
 
 @dataclass
 class StudyResult:
-    """Everything the report needs (see :func:`lorablocks.report.write_report`)."""
+    """Everything the report needs (see :func:`lorablocks.study.report.write_report`)."""
 
     config: dict[str, Any]
     domains: list[str]
@@ -251,9 +251,9 @@ def run_study(
     """
     import torch
 
-    from lorablocks.data import resolve_domains
-    from lorablocks.evaluate import evaluate_perplexity, prepare_eval_set
-    from lorablocks.models import load_model, model_id
+    from lorablocks.training.data import resolve_domains
+    from lorablocks.training.evaluate import evaluate_perplexity, prepare_eval_set
+    from lorablocks.model.models import load_model, model_id
 
     out = Path(out)
     marker = out / "study.json"
@@ -321,7 +321,7 @@ def run_study(
     result.timings["training_compute_s"] = sum(t["seconds"] for t in result.training)
 
     # ---- stage 3+4: evaluation ------------------------------------------------------------------------
-    from lorablocks.adapters import load_adapter
+    from lorablocks.files.adapters import load_adapter
 
     loaded = {k: load_adapter(p) for k, p in adapter_dirs.items()}
     deltas = {k: a.delta for k, a in loaded.items()}
@@ -383,7 +383,7 @@ def run_study(
     result.timings["evaluation_compute_s"] = sum(rec.get("seconds", 0.0) for rec in cached.values())
 
     # ---- stage 5: analysis ----------------------------------------------------------------------------
-    from lorablocks.analysis import analyse
+    from lorablocks.study.analysis import analyse
 
     analyse(result, cached, deltas, sums, merged_sets, config)
     result.timings["total_s"] = time.perf_counter() - t_start
@@ -398,7 +398,7 @@ def _domain_path(spec: str, data_root: str | os.PathLike | None) -> str:
 
 def _train_block(config: StudyConfig, domains: list, seed: int, out: Path, cache_dir, model, tokenizer) -> None:
     """Train one block (a single domain or the merged data of a subset) into ``out``, resumable."""
-    from lorablocks.train import TrainConfig, train_adapter
+    from lorablocks.training.train import TrainConfig, train_adapter
 
     ckpt = out.parent / f".ckpt-{out.name}"
     tc = TrainConfig(

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from lorablocks.data import (
+from lorablocks.training.data import (
     Example,
     HUB_CONVERTERS,
     TokenizedExample,

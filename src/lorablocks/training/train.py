@@ -38,11 +38,11 @@ from typing import Any
 
 import torch
 
-from lorablocks.data import Domain, TokenizedExample, bucket_by_tokens, bucket_window, collate, resolve_domains, tokenize_examples
+from lorablocks.training.data import Domain, TokenizedExample, bucket_by_tokens, bucket_window, collate, resolve_domains, tokenize_examples
 from lorablocks.errors import ConfigError, DataError
-from lorablocks.evaluate import AnswerNLL
-from lorablocks.io import atomic_dir, check_output_free, sha256_path, utc_now, versions
-from lorablocks.models import DEFAULT_MODEL, default_targets, load_model, model_id
+from lorablocks.training.evaluate import AnswerNLL
+from lorablocks.files.outputs import atomic_dir, check_output_free, sha256_path, utc_now, versions
+from lorablocks.model.models import DEFAULT_MODEL, default_targets, load_model, model_id
 
 __all__ = ["TrainConfig", "TrainResult", "train_adapter", "load_config", "RECORD_NAME", "batch_schedule"]
 

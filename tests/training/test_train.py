@@ -14,13 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorablocks import train as train_mod
+from lorablocks.training import train as train_mod
 from lorablocks.cli import run_app
-from lorablocks.data import TokenizedExample
+from lorablocks.training.data import TokenizedExample
 from lorablocks.errors import ConfigError, OutputExistsError
-from lorablocks.train import RECORD_NAME, TrainConfig, batch_schedule, load_config, train_adapter
+from lorablocks.training.train import RECORD_NAME, TrainConfig, batch_schedule, load_config, train_adapter
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _cfg(model_dir, data, out, **kw):
@@ -86,7 +86,7 @@ def test_train_writes_peft_adapter_and_record(kind, tiny_model_dirs, domains, tm
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lorablocks.adapters import load_adapter
+    from lorablocks.files.adapters import load_adapter
 
     out = tmp_path / "ad"
     res = train_adapter(_cfg(tiny_model_dirs[kind], [domains["math"]], out, max_steps=8), progress=False)
@@ -169,7 +169,7 @@ def test_micro_batches_equal_full_batch(tiny_model_dirs, domains, tmp_path):
 
 
 def test_reusing_a_loaded_model_leaves_it_untouched(tiny_model_dirs, domains, tmp_path):
-    from lorablocks.models import load_model
+    from lorablocks.model.models import load_model
 
     model, tok = load_model(str(tiny_model_dirs["llama"]))
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -16,8 +16,8 @@ import yaml
 
 from lorablocks.cli import run_app
 from lorablocks.errors import ConfigError
-from lorablocks.report import REPORT_SECTIONS
-from lorablocks.study import load_config, plan_subsets
+from lorablocks.study.report import REPORT_SECTIONS
+from lorablocks.study.pipeline import load_config, plan_subsets
 from tests.conftest import save_tiny_model, write_domain
 
 DOMAINS = ["math", "words", "code"]

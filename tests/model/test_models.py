@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from lorablocks import models
+from lorablocks.model import models
 from lorablocks.errors import ModelError
-from lorablocks.models import (
+from lorablocks.model.models import (
     DEFAULT_MODEL,
     BuiltinModel,
     builtin_path,
@@ -23,7 +23,7 @@ from lorablocks.models import (
     same_base_model,
 )
 
-DATA = Path(os.environ.get("LORABLOCKS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DATA = Path(os.environ.get("LORABLOCKS_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 
 
 def test_cache_root_precedence(monkeypatch, tmp_path):
@@ -122,8 +122,8 @@ def _need_data():
 @pytest.mark.slow
 def test_default_model_loads_offline_and_perplexity_is_finite(default_model):
     _need_data()
-    from lorablocks.data import resolve_domains
-    from lorablocks.evaluate import evaluate_perplexity, prepare_eval_set
+    from lorablocks.training.data import resolve_domains
+    from lorablocks.training.evaluate import evaluate_perplexity, prepare_eval_set
 
     model, tok = default_model
     assert model.config.model_type == "llama" and sum(p.numel() for p in model.parameters()) > 100e6
@@ -136,10 +136,10 @@ def test_default_model_loads_offline_and_perplexity_is_finite(default_model):
 @pytest.mark.slow
 def test_default_model_few_steps_lower_training_loss(default_model, tmp_path):
     _need_data()
-    from lorablocks.data import Domain
-    from lorablocks.evaluate import evaluate_perplexity, prepare_eval_set
-    from lorablocks.train import TrainConfig, train_adapter
-    from lorablocks.adapters import load_adapter
+    from lorablocks.training.data import Domain
+    from lorablocks.training.evaluate import evaluate_perplexity, prepare_eval_set
+    from lorablocks.training.train import TrainConfig, train_adapter
+    from lorablocks.files.adapters import load_adapter
 
     model, tok = default_model
     train_examples = Domain("math", str(DATA / "math"), "folder").load("train", 8)

@@ -11,8 +11,8 @@ import torch
 
 from tests.conftest import make_examples, tiny_gpt2, tiny_llama
 from lorablocks.cli import run_app
-from lorablocks.data import Example, collate, tokenize_examples
-from lorablocks.evaluate import AnswerNLL, DomainScore, answer_nll, evaluate_perplexity, prepare_eval_set
+from lorablocks.training.data import Example, collate, tokenize_examples
+from lorablocks.training.evaluate import AnswerNLL, DomainScore, answer_nll, evaluate_perplexity, prepare_eval_set
 from tests.tiny_models import make_peft_adapter
 
 
@@ -106,9 +106,9 @@ def _random_adapter(model, kind, path, seed):
 def test_adapter_equals_merged_model_equals_peft(tiny_model, tok, tmp_path):
     from peft import PeftModel
 
-    from lorablocks import algebra
-    from lorablocks.adapters import load_adapter
-    from lorablocks.merge import apply_delta
+    from lorablocks.core import algebra
+    from lorablocks.files.adapters import load_adapter
+    from lorablocks.model.merge import apply_delta
 
     kind, model = tiny_model
     es = prepare_eval_set(tok, {"a": _examples(6), "b": [Example(**r) for r in make_examples("math", 5)]}, max_length=128)

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from lorablocks.io import atomic_file, write_json
+from lorablocks.files.outputs import atomic_file, write_json
 
 __all__ = ["write_report", "REPORT_SECTIONS"]
 
@@ -58,7 +58,7 @@ def _plots(result, out: Path) -> dict[str, str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lorablocks.plots import _save, heatmap
+    from lorablocks.study.plots import _save, heatmap
 
     files = {}
     heatmap(result.overlap["rms_cosine"], result.domains, out / "cosine_heatmap.png",

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from lorablocks import algebra
-from lorablocks.algebra import LowRank, add, compress, lora_scale, negate, scale, subtract, to_dense
+from lorablocks.core import algebra
+from lorablocks.core.algebra import LowRank, add, compress, lora_scale, negate, scale, subtract, to_dense
 from lorablocks.errors import NonFiniteError, ShapeMismatchError
 
 torch.set_num_threads(1)

@@ -18,7 +18,7 @@ def _pyplot():
 
 
 def _save(fig, path: str | os.PathLike, force: bool) -> None:
-    from lorablocks.io import atomic_file
+    from lorablocks.files.outputs import atomic_file
 
     with atomic_file(path, force=force, mode="wb") as fh:
         fig.savefig(fh, format="png", dpi=120, bbox_inches="tight")

@@ -27,9 +27,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors import safe_open
 
-from lorablocks.algebra import Delta, LowRank, check_finite, from_peft_factors, lora_scale
+from lorablocks.core.algebra import Delta, LowRank, check_finite, from_peft_factors, lora_scale
 from lorablocks.errors import AdapterFormatError, UnsupportedAdapterError
-from lorablocks.io import atomic_dir, sha256_file, utc_now, versions
+from lorablocks.files.outputs import atomic_dir, sha256_file, utc_now, versions
 
 __all__ = ["Adapter", "AdapterFile", "AdapterWriter", "open_adapter", "load_adapter", "save_adapter", "CONFIG_NAME", "WEIGHTS_NAME", "RECORD_NAME"]
 

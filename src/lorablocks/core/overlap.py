@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorablocks.algebra import COMPUTE_DTYPE, LowRank, frobenius_norm, singular_values
+from lorablocks.core.algebra import COMPUTE_DTYPE, LowRank, frobenius_norm, singular_values
 
 __all__ = [
     "inner",

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from lorablocks.algebra import LowRank, to_dense
-from lorablocks.overlap import (
+from lorablocks.core.algebra import LowRank, to_dense
+from lorablocks.core.overlap import (
     adapter_stats,
     cosine,
     effective_rank,
@@ -17,7 +17,7 @@ from lorablocks.overlap import (
     pair_overlap,
     set_overlap,
 )
-from tests.test_algebra import random_delta
+from tests.core.test_algebra import random_delta
 
 torch.set_num_threads(1)
 

@@ -15,8 +15,8 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lorablocks import algebra
-from lorablocks.overlap import overlap_matrices, set_overlap
+from lorablocks.core import algebra
+from lorablocks.core.overlap import overlap_matrices, set_overlap
 
 __all__ = ["joint_perplexity", "pct_change", "linear_fit", "analyse", "PAPER_CHANGES"]
 

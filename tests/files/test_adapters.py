@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from lorablocks import algebra
-from lorablocks.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
-from lorablocks.compose import combine_files
+from lorablocks.core import algebra
+from lorablocks.files.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
+from lorablocks.compose.operations import combine_files
 from lorablocks.errors import AdapterFormatError, NonFiniteError, UnsupportedAdapterError
-from lorablocks.merge import apply_delta
+from lorablocks.model.merge import apply_delta
 from tests.tiny_models import TINY, VOCAB, make_peft_adapter
 
 torch.set_num_threads(1)
@@ -118,7 +118,7 @@ def test_merge_into_matches_peft_merge_and_unload(tmp_path, kind):
 
 
 def test_save_roundtrip_with_mixed_ranks_and_modules(tmp_path):
-    from tests.test_algebra import random_delta
+    from tests.core.test_algebra import random_delta
 
     delta = random_delta(40, rank=3)
     delta["v"] = algebra.LowRank(B=torch.randn(6, 5), A=torch.randn(5, 10))
@@ -221,7 +221,7 @@ def test_vocab_constant_is_used():
 def test_streamed_safetensors_reads_back_like_the_library(tmp_path, dtype):
     from safetensors.torch import load_file
 
-    from tests.test_algebra import random_delta
+    from tests.core.test_algebra import random_delta
 
     delta = random_delta(41, rank=3)
     save_adapter(delta, tmp_path / "x", base_model=None, dtype=dtype)

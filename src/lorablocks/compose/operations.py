@@ -1,7 +1,7 @@
 """File-level operations behind the ``combine``, ``subtract``, ``similarity`` and ``inspect`` verbs.
 
 Each function validates its inputs completely before it writes anything, calls the pure math in
-:mod:`lorablocks.algebra` / :mod:`lorablocks.overlap`, and writes its output atomically with a record of
+:mod:`lorablocks.core.algebra` / :mod:`lorablocks.core.overlap`, and writes its output atomically with a record of
 its inputs (paths and sha256), weights, rank mode, truncation error and versions.
 """
 
@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorablocks import algebra
-from lorablocks.adapters import Adapter, AdapterFile, AdapterWriter, load_adapter, open_adapter
+from lorablocks.core import algebra
+from lorablocks.files.adapters import Adapter, AdapterFile, AdapterWriter, load_adapter, open_adapter
 from lorablocks.errors import AdapterFormatError, LoraBlocksError, ShapeMismatchError
-from lorablocks.io import atomic_dir, check_output_free, utc_now, versions
-from lorablocks.overlap import adapter_stats, overlap_matrices
+from lorablocks.files.outputs import atomic_dir, check_output_free, utc_now, versions
+from lorablocks.core.overlap import adapter_stats, overlap_matrices
 
 __all__ = [
     "parse_rank",
@@ -180,9 +180,9 @@ def merge_model_folder(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lorablocks.merge import apply_delta
+    from lorablocks.model.merge import apply_delta
 
-    from lorablocks.models import BUILTIN_MODELS, resolve_model
+    from lorablocks.model.models import BUILTIN_MODELS, resolve_model
 
     if str(model_dir) in BUILTIN_MODELS:
         model_dir = resolve_model(str(model_dir))  # the converted built-in model's folder

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lorablocks.errors import ModelError
-from lorablocks.io import atomic_dir
+from lorablocks.files.outputs import atomic_dir
 
 __all__ = [
     "DEFAULT_MODEL",

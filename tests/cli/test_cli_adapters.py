@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from lorablocks import algebra
-from lorablocks.adapters import WEIGHTS_NAME, load_adapter
+from lorablocks.core import algebra
+from lorablocks.files.adapters import WEIGHTS_NAME, load_adapter
 from lorablocks.cli import run_app
 from tests.tiny_models import make_peft_adapter
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from lorablocks.algebra import LowRank, to_dense
+from lorablocks.core.algebra import LowRank, to_dense
 from lorablocks.errors import NonFiniteError, ShapeMismatchError
 
 __all__ = ["apply_delta", "merged", "check_delta_fits", "target_weight"]
