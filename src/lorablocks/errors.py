@@ -12,11 +12,23 @@ __all__ = [
     "DataError",
     "ModelError",
     "ConfigError",
+    "CompositionError",
+    "BaseModelMismatchError",
+    "one_line",
 ]
 
 
 class LoraBlocksError(Exception):
-    """Base class of every error that lorablocks reports to the user as one line."""
+    """Base class of every error that lorablocks reports to the user as one line.
+
+    Messages speak of the library (settings, files), never of command-line flags. ``setting`` names the
+    setting at fault, when there is one, so that a front end (the CLI, the server) can name its own
+    spelling of it (``--weights``, a JSON field).
+    """
+
+    def __init__(self, message: str = "", *, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 class AdapterFormatError(LoraBlocksError):
@@ -49,3 +61,17 @@ class ModelError(LoraBlocksError):
 
 class ConfigError(LoraBlocksError):
     """A configuration is invalid; the message lists every problem."""
+
+
+class CompositionError(LoraBlocksError):
+    """A composition recipe is invalid: weights, method, or a method parameter."""
+
+
+class BaseModelMismatchError(ShapeMismatchError):
+    """Adapters (or an adapter and a model) record different base models."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message as one line (its first), or its type name when the message is empty."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

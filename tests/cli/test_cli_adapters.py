@@ -48,7 +48,7 @@ def test_combine_truncated_rank_reports_error(tmp_path, adapters, capsys):
     code, _, err = run(["combine", *adapters, "--rank", "2", "--out", tmp_path / "r2"], capsys)
     assert code == 0, err
     record = json.loads((tmp_path / "r2" / "lorablocks.json").read_text())
-    assert record["rank_mode"] == "2"
+    assert record["recipe"]["rank"] == 2 and record["kind"] == "adapter"
     assert 0 < record["truncation"]["overall_rel_error"] < 1
     assert all(m["rank_out"] == 2 for m in record["truncation"]["modules"].values())
 
@@ -136,7 +136,7 @@ def test_force_replaces_output(tmp_path, adapters, capsys):
     assert run(["combine", a, b, "--out", out], capsys)[0] != 0
     assert run(["combine", a, b, "--out", out, "--force"], capsys)[0] == 0
     assert len(load_adapter(out).delta) == len(load_adapter(a).delta)
-    assert json.loads((out / "lorablocks.json").read_text())["weights"] == [1.0, 1.0]
+    assert [b["weight"] for b in json.loads((out / "lorablocks.json").read_text())["recipe"]["blocks"]] == [1.0, 1.0]
 
 
 def test_console_script_has_no_traceback(tmp_path):

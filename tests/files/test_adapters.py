@@ -10,7 +10,7 @@ import torch
 
 from lorablocks.core import algebra
 from lorablocks.files.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
-from lorablocks.compose.operations import combine_files
+from lorablocks.compose.operations import CombineRequest, combine_files
 from lorablocks.errors import AdapterFormatError, NonFiniteError, UnsupportedAdapterError
 from lorablocks.model.merge import apply_delta
 from tests.tiny_models import TINY, VOCAB, make_peft_adapter
@@ -71,7 +71,7 @@ def test_peft_loads_our_combined_adapter_exactly(tmp_path, kind):
     a = make_peft_adapter(kind, tmp_path / "a", seed=1, r=4)
     b = make_peft_adapter(kind, tmp_path / "b", seed=2, r=2, alpha=16.0, use_rslora=True)
     weights = [1.0, -0.5]
-    result = combine_files([a, b], tmp_path / "sum", weights=weights, rank="minimal")
+    result = combine_files([a, b], tmp_path / "sum", CombineRequest(weights=weights, rank="minimal"))
     build, _ = TINY[kind]
 
     # base + dense summed delta, computed independently from PEFT's own per-module deltas
@@ -89,8 +89,9 @@ def test_peft_loads_our_combined_adapter_exactly(tmp_path, kind):
     assert (got - base).abs().max() > 1e-2  # the adapter changed the model
     assert result.report.overall_rel_error < 1e-6
     record = json.loads((tmp_path / "sum" / "lorablocks.json").read_text())
-    assert record["weights"] == weights and record["rank_mode"] == "minimal"
-    assert [i["sha256"] for i in record["inputs"]] == [load_adapter(a).sha256, load_adapter(b).sha256]
+    recipe = record["recipe"]
+    assert [b["weight"] for b in recipe["blocks"]] == weights and recipe["rank"] == "minimal"
+    assert [b["sha256"] for b in recipe["blocks"]] == [load_adapter(a).sha256, load_adapter(b).sha256]
     assert "torch" in record["versions"]
 
 

@@ -8,15 +8,20 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from lorablocks.core.algebra import LowRank, to_dense
-from lorablocks.errors import NonFiniteError, ShapeMismatchError
+from lorablocks.errors import LoraBlocksError, ModelError, NonFiniteError, ShapeMismatchError, one_line
+from lorablocks.files.outputs import atomic_dir, utc_now, versions
 
-__all__ = ["apply_delta", "merged", "check_delta_fits", "target_weight"]
+__all__ = ["apply_delta", "merged", "check_delta_fits", "target_weight", "merged_weight", "write_merged_model"]
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -50,18 +55,28 @@ def check_delta_fits(model: nn.Module, delta: Mapping[str, LowRank], label: str 
 
 
 @torch.no_grad()
+def merged_weight(original: torch.Tensor, x: LowRank, transposed: bool, name: str, weight: float = 1.0) -> torch.Tensor:
+    """``W0 + weight * dW`` (``dW.T`` for a transposed ``Conv1D``), formed in float32 or wider, in ``W0``'s dtype.
+
+    The one place a merged weight is computed, so that merging the same delta into the same original
+    weight gives the same bits wherever it happens (a file, an evaluation, a live server).
+    """
+    compute = torch.promote_types(original.dtype, torch.float32)
+    dense = to_dense(x, compute) * weight
+    if not torch.isfinite(dense).all():
+        raise NonFiniteError(f"module {name}: the merged delta has NaN or inf")
+    if transposed:
+        dense = dense.T
+    return (original.to(compute) + dense.to(original.device)).to(original.dtype)
+
+
+@torch.no_grad()
 def apply_delta(model: nn.Module, delta: Mapping[str, LowRank], weight: float = 1.0) -> None:
     """Add ``weight * delta`` to the model's base weights in place."""
     check_delta_fits(model, delta)
     for name, x in delta.items():
         param, transposed = target_weight(model, name)
-        compute = torch.promote_types(param.dtype, torch.float32)
-        dense = to_dense(x, compute) * weight
-        if not torch.isfinite(dense).all():
-            raise NonFiniteError(f"module {name}: the merged delta has NaN or inf")
-        if transposed:
-            dense = dense.T
-        param.copy_((param.to(compute) + dense.to(param.device)).to(param.dtype))
+        param.copy_(merged_weight(param, x, transposed, name, weight))
 
 
 @contextlib.contextmanager
@@ -76,3 +91,37 @@ def merged(model: nn.Module, delta: Mapping[str, LowRank]) -> Iterator[nn.Module
         with torch.no_grad():
             for name, w in saved.items():
                 target_weight(model, name)[0].copy_(w)
+
+
+def write_merged_model(model_dir: str | os.PathLike, delta: Mapping[str, LowRank], out: str | os.PathLike,
+                       record: dict[str, Any], force: bool = False) -> Path:
+    """Load a local model folder (or a built-in model's), add ``delta`` to its weights and save a normal model
+    folder with ``record`` as its ``lorablocks.json``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorablocks.model.models import BUILTIN_MODELS, resolve_model
+
+    if str(model_dir) in BUILTIN_MODELS:
+        model_dir = resolve_model(str(model_dir))  # the converted built-in model's folder
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ModelError(f"{model_dir} is not a model folder (no config.json); give a local model folder "
+                         f"or a built-in model name ({', '.join(BUILTIN_MODELS)})", setting="merge_into")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load the model in {model_dir}: {one_line(exc)}") from None
+    apply_delta(model, delta)
+    with atomic_dir(out, force=force) as tmp:
+        try:
+            model.save_pretrained(tmp)
+        except Exception as exc:  # safetensors raises its own error type on a full disk
+            raise LoraBlocksError(f"cannot write the merged model to {out}: {one_line(exc)}") from None
+        try:
+            AutoTokenizer.from_pretrained(model_dir, local_files_only=True).save_pretrained(tmp)
+        except (OSError, ValueError):
+            pass  # a model folder without a tokenizer stays without one
+        full = {"tool": "lorablocks", "created": utc_now(), "versions": versions(), **record, "merged_into": str(model_dir)}
+        (tmp / "lorablocks.json").write_text(json.dumps(full, indent=2, default=str) + "\n")
+    return Path(out)
+

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorablocks.errors import ModelError
+from lorablocks.errors import ModelError, one_line
 from lorablocks.files.outputs import atomic_dir
 
 __all__ = [
@@ -140,7 +140,7 @@ def prepare_model(
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as exc:  # transformers raises many types here; report one line
-        raise ModelError(f"could not convert {gguf}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        raise ModelError(f"could not convert {gguf}: {type(exc).__name__}: {one_line(exc)}") from exc
     # The dequantised weights are plain float32; drop the quantizer so save_pretrained writes a plain model.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -236,7 +236,7 @@ def load_model(
         try:
             model, tokenizer = _from_pretrained(str(source), True, dtype)
         except Exception as exc:
-            raise ModelError(f"could not load model folder {source}: {type(exc).__name__}: {_first_line(exc)}") from exc
+            raise ModelError(f"could not load model folder {source}: {type(exc).__name__}: {one_line(exc)}") from exc
     else:
         try:
             model, tokenizer = _from_pretrained(source, True, dtype)
@@ -251,7 +251,7 @@ def load_model(
             except Exception as exc:
                 raise ModelError(
                     f"could not load model {source!r} from the hub cache or the network "
-                    f"({type(exc).__name__}: {_first_line(exc)}); {_OFFLINE_HINT}"
+                    f"({type(exc).__name__}: {one_line(exc)}); {_OFFLINE_HINT}"
                 ) from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -277,11 +277,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else ""
 
 
 def default_targets(model: Any, targets: Sequence[str] | None = None) -> list[str]:

@@ -1,0 +1,215 @@
+"""The composition seam: a typed :class:`Recipe` and the one function, :func:`compose`, that turns it into a
+factored delta.
+
+A recipe names its blocks (with their sha256 fingerprints and weights), the method and its parameters, and
+the rank mode of the result. Every caller (``combine``, ``subtract``, evaluation, the study, the server)
+builds a recipe and calls :func:`compose`; the ``lorablocks.json`` record beside an output *is* the recipe
+plus versions and the truncation report. Methods plug in as files of :mod:`lorablocks.compose.methods`.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lorablocks.compose.methods import ModuleContext, get_method, validate_params
+from lorablocks.core import algebra
+from lorablocks.core.algebra import CompressionReport, Delta, LowRank
+from lorablocks.errors import CompositionError
+
+__all__ = ["Block", "Recipe", "DeltaSource", "MemorySource", "Composition", "compose", "make_recipe"]
+
+
+class Block(BaseModel):
+    """One block of a composition: which adapter (name, path, content fingerprint) and its weight."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="Display name (the adapter folder's name).")
+    weight: float = Field(1.0, description="Its weight w_i; negative subtracts (unlearning).")
+    path: str | None = Field(None, description="Where it was read from.")
+    sha256: str | None = Field(None, description="sha256 of its weights file: what the recipe really depends on.")
+    base_model: str | None = Field(None, description="Base model its adapter config records.")
+
+
+class Recipe(BaseModel):
+    """Blocks with weights, a method with its parameters, and the rank mode of the result."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    blocks: tuple[Block, ...] = Field(description="The blocks, in order.")
+    method: str = Field("sum", description="Composition method (see lorablocks.compose.methods).")
+    params: dict[str, Any] = Field(default_factory=dict, description="The method's parameters.")
+    rank: str | int = Field("minimal", description="concat (exact, rank sum r), minimal (exact, smallest) or N (cap).")
+    rtol: float = Field(1e-6, description="minimal: singular values below rtol * largest are dropped.")
+
+    @field_validator("rank")
+    @classmethod
+    def _rank(cls, v: str | int) -> str | int:
+        if isinstance(v, str) and v.isdigit():
+            v = int(v)
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 1:
+            return v
+        if v in ("concat", "minimal"):
+            return v
+        raise ValueError(f"rank must be concat, minimal or a positive integer, got {v!r}")
+
+    @field_validator("rtol")
+    @classmethod
+    def _rtol(cls, v: float) -> float:
+        if not (math.isfinite(v) and 0.0 <= v < 1.0):
+            raise ValueError(f"rtol must be a number in [0, 1), got {v}")
+        return v
+
+    @property
+    def weights(self) -> list[float]:
+        return [b.weight for b in self.blocks]
+
+    def fingerprint(self) -> str:
+        """sha256 of what determines the result: block contents and weights, method, params, rank mode.
+
+        Names and paths do not count: the same adapters under other names give the same fingerprint.
+        """
+        key = {"blocks": [[b.sha256 or b.name, b.weight] for b in self.blocks], "method": self.method,
+               "params": self.params, "rank": self.rank, "rtol": self.rtol}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+    def record(self) -> dict[str, Any]:
+        """The recipe as written into ``lorablocks.json`` (and read back by :meth:`model_validate`)."""
+        return {**self.model_dump(mode="json"), "fingerprint": self.fingerprint()}
+
+
+def make_recipe(blocks: Sequence[Block], *, method: str = "sum", params: Mapping[str, Any] | None = None,
+                rank: str | int = "minimal", rtol: float = 1e-6) -> Recipe:
+    """A validated recipe; every problem (weights, rank, method, parameters) as one :class:`CompositionError`."""
+    if not blocks:
+        raise CompositionError("a composition needs at least one block", setting="adapters")
+    bad = [b.weight for b in blocks if not math.isfinite(b.weight)]
+    if bad:
+        raise CompositionError(f"weights must be finite numbers, got {bad[0]}", setting="weights")
+    try:
+        recipe = Recipe(blocks=tuple(blocks), method=method, params=dict(params or {}), rank=rank, rtol=rtol)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        setting = next((str(p) for p in e["loc"] if isinstance(p, str) and p != "blocks"), None)
+        setting = "weights" if "blocks" in e["loc"] else setting
+        raise CompositionError(str(e["msg"]).removeprefix("Value error, "), setting=setting) from None
+    method_obj = get_method(recipe.method)
+    validate_params(method_obj, recipe.params)
+    return recipe
+
+
+class DeltaSource(Protocol):
+    """Anything that yields a block's modules one at a time (an opened adapter file, a delta in memory)."""
+
+    @property
+    def modules(self) -> list[str]: ...
+
+    def factors(self, module: str) -> LowRank: ...
+
+
+@dataclass
+class MemorySource:
+    """A delta already in memory, as a :class:`DeltaSource`."""
+
+    delta: Mapping[str, LowRank]
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.delta)
+
+    def factors(self, module: str) -> LowRank:
+        return self.delta[module]
+
+
+@dataclass
+class Composition:
+    """What :func:`compose` made: the delta (empty when streamed to a sink), its report and its recipe."""
+
+    recipe: Recipe
+    report: CompressionReport
+    delta: Delta = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """The provenance record: the recipe, its fingerprint and the truncation report."""
+        return {"recipe": self.recipe.record(), "truncation": self.report.to_dict()}
+
+
+def _as_source(x: DeltaSource | Mapping[str, LowRank]) -> DeltaSource:
+    return MemorySource(x) if isinstance(x, Mapping) else x
+
+
+def compose(recipe: Recipe, sources: Sequence[DeltaSource | Mapping[str, LowRank]],
+            sink: Callable[[str, LowRank], None] | None = None) -> Composition:
+    """The factored delta of ``recipe``, one module at a time (``sources[i]`` holds block ``i``).
+
+    Shapes are checked before any factor is read. Each module's blocks are read (from disk for a file
+    source), combined by the recipe's method, re-factored at its rank mode and handed to ``sink`` (then
+    dropped: memory holds one module at a time) or kept in ``Composition.delta``.
+    """
+    if len(sources) != len(recipe.blocks):
+        raise CompositionError(f"{len(recipe.blocks)} blocks in the recipe but {len(sources)} sources given",
+                               setting="weights")
+    srcs = [_as_source(s) for s in sources]
+    method = get_method(recipe.method)
+    params = validate_params(method, recipe.params)
+    names = list(dict.fromkeys(n for s in srcs for n in s.modules))
+    result = Composition(recipe=recipe, report=CompressionReport(mode=str(recipe.rank)))
+    for name in names:
+        parts = [(b.weight, s.factors(name)) for b, s in zip(recipe.blocks, srcs) if name in s.modules]
+        algebra.check_compatible([{name: x} for _, x in parts], [b.name for b in recipe.blocks])
+        parts = [(w, x) for w, x in parts if w != 0.0]
+        _check_scaled_finite(name, parts)
+        if not parts:
+            continue
+        ctx = ModuleContext(name=name, rank=recipe.rank, rtol=recipe.rtol)
+        try:
+            out = method.combine(parts, params, ctx)
+        except (RuntimeError, ArithmeticError) as exc:  # torch.linalg.LinAlgError is a RuntimeError
+            raise CompositionError(
+                f"module {name}: the {method.name} composition failed numerically ({type(exc).__name__}); "
+                "the weighted factors are too large or degenerate", setting="weights") from None
+        result.report.update(out.report)
+        if out.x is not None and out.x.rank > 0:
+            algebra.check_finite({name: out.x}, label="the composition")
+            if sink is None:
+                result.delta[name] = out.x
+            else:
+                sink(name, out.x)
+        del parts, out
+        _release_freed_memory()
+    return result
+
+
+def _check_scaled_finite(name: str, parts: Sequence[tuple[float, LowRank]]) -> None:
+    """Refuse weights so large that ``w * A`` overflows the factors' float type."""
+    for w, x in parts:
+        limit = float(torch.finfo(x.A.dtype).max) ** 0.5  # products of factors must stay finite too
+        if x.A.numel() and float(x.A.abs().max()) * abs(w) >= limit:
+            raise CompositionError(f"module {name}: weight {w:g} times the factors overflows "
+                                   f"{str(x.A.dtype).removeprefix('torch.')}", setting="weights")
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise, inflating peak RSS module by module)."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM: Any = None
