@@ -1,19 +1,31 @@
 """Atomic outputs, file fingerprints and provenance records.
 
-Every artefact is written into a hidden sibling folder (or file) first and renamed into place at the end,
-so an interrupted run never leaves a half-written output; an existing output is refused unless ``force``.
+Every artefact is written into a hidden temporary sibling (``.NAME.tmp-PID-XXXX``), fsynced, and moved into
+place at the end, so an interrupted run never leaves a half-written output. Without ``force`` the final move
+never replaces anything (Linux ``renameat2(RENAME_NOREPLACE)``, else a lock file and a re-check): an output
+that appeared during the run is left untouched and the new one discarded. With ``force`` only what
+:func:`check_replaceable` allows is replaced: a previous lorablocks output of the same kind, or an ordinary
+file for a file output; never the current folder or one above it, a folder that holds an input, a folder
+where a file is written, or a folder lorablocks did not make. The replacement is an atomic exchange
+(``RENAME_EXCHANGE``), so there is no moment without an output. Outputs get the umask's permissions;
+temporary outputs left by a killed run are swept by the next run to the same output.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import os
 import platform
+import re
 import shutil
+import stat
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,6 +36,14 @@ __all__ = [
     "atomic_dir",
     "atomic_file",
     "check_output_free",
+    "check_replaceable",
+    "output_kind",
+    "one_line",
+    "OutputRefusedError",
+    "OutputWriteError",
+    "RECORD_NAME",
+    "TRAIN_RECORD_NAME",
+    "STUDY_MARKER",
     "sha256_file",
     "sha256_path",
     "versions",
@@ -31,56 +51,420 @@ __all__ = [
     "utc_now",
 ]
 
+#: The record lorablocks writes into every adapter and merged-model folder it makes.
+RECORD_NAME = "lorablocks.json"
+#: The record of a trained adapter.
+TRAIN_RECORD_NAME = "lorablocks_train.json"
+#: The marker of a study folder.
+STUDY_MARKER = "study.json"
+#: Record kinds that count as the same kind of output when replacing (a trained adapter is an adapter).
+_FAMILY = {"train": "adapter"}
+#: Temporary outputs older than this are swept even when their process may still live (pid reuse).
+STALE_SECONDS = 24 * 3600
+_LOCK_STALE_SECONDS = 60
+_AT_FDCWD, _NOREPLACE, _EXCHANGE = -100, 1, 2
 
-def check_output_free(path: str | os.PathLike, force: bool = False) -> Path:
-    """Refuse an existing output path unless ``force``; return it as a Path."""
+
+class OutputRefusedError(OutputExistsError):
+    """The output path holds something lorablocks may not replace, even when asked to replace outputs."""
+
+    def __init__(self, message: str, path: str | os.PathLike) -> None:
+        super().__init__(message)
+        self.path = Path(path)
+
+
+class OutputWriteError(LoraBlocksError):
+    """Writing an output failed (disk full, permission denied); the message names the output path."""
+
+    def __init__(self, message: str, path: str | os.PathLike) -> None:
+        super().__init__(message)
+        self.path = Path(path)
+
+
+def one_line(exc: BaseException) -> str:
+    """The first non-empty line of ``exc``'s message; its class name when the message is empty."""
+    try:
+        text = str(exc)
+    except Exception:  # a broken __str__ must not hide the error itself
+        text = ""
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
+
+
+def _exists(path: Path, message: str | None = None) -> OutputExistsError:
+    err = OutputExistsError(message or f"{path} exists; choose another output path")
+    err.path = path  # type: ignore[attr-defined]
+    return err
+
+
+# --- what may be replaced ---------------------------------------------------------------------------------
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        if not path.is_file() or path.stat().st_size > 1 << 24:
+            return None
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def output_kind(path: str | os.PathLike) -> str | None:
+    """The kind of lorablocks output the folder ``path`` is (``adapter``, ``merged-model``, ``study``, ...),
+    read from the record lorablocks writes into it (``"tool": "lorablocks"`` and a ``kind``); None for a
+    folder lorablocks did not make. Records from before kinds were recorded are recognised by their content."""
     path = Path(path)
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} exists; choose another output path or pass --force to replace it")
-    if not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+    for name in (RECORD_NAME, TRAIN_RECORD_NAME, STUDY_MARKER):
+        rec = _read_record(path / name)
+        if rec is None or rec.get("tool") != "lorablocks":
+            continue
+        kind = rec.get("kind")
+        if name == STUDY_MARKER:
+            if kind == "study":
+                return "study"
+            continue
+        if not isinstance(kind, str) or not kind:
+            kind = "merged-model" if "merged_into" in rec else "adapter" if (path / "adapter_config.json").is_file() else None
+        if kind:
+            return _FAMILY.get(kind, kind)
+    return None
+
+
+def _entry(path: Path) -> Path | None:
+    """``path`` made absolute with its parent resolved (the entry itself is not followed); None for ``/``."""
+    absolute = Path(os.path.abspath(path))
+    if not absolute.name:
+        return None
+    return Path(os.path.realpath(absolute.parent)) / absolute.name
+
+
+def _within(inner: str, outer: Path) -> bool:
+    return inner == str(outer) or inner.startswith(str(outer).rstrip(os.sep) + os.sep)
+
+
+def _want_dir(kind: str | None) -> bool | None:
+    return None if kind is None else kind != "file"
+
+
+def _refusal(path: Path, kind: str | None, inputs: Iterable[str | os.PathLike], strict: bool = True) -> str | None:
+    """Why ``path`` may not be replaced by an output of ``kind`` (``"file"``, a folder kind, or None for
+    either), or None. ``strict=False`` lets a folder output replace any folder (caches lorablocks owns)."""
+    entry = _entry(path)
+    if entry is None:
+        return "is the root folder"
+    if _within(os.path.realpath(os.getcwd()), entry):
+        return "is the current folder or a folder above it"
+    for item in inputs:
+        if os.path.realpath(item) == str(entry):
+            return f"is the input {item}"
+        if _within(os.path.realpath(item), entry):
+            return f"holds the input {item}"
+    try:
+        mode = os.lstat(entry).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot be inspected ({exc.strerror})"
+    want_dir = _want_dir(kind)
+    if stat.S_ISLNK(mode):
+        return "is a symbolic link" if want_dir or os.path.isdir(entry) else None
+    if stat.S_ISREG(mode):
+        return "is a file, not an output folder" if want_dir else None
+    if not stat.S_ISDIR(mode):
+        return "is not a regular file or folder"
+    if want_dir is False:
+        return "is a folder; a file output never replaces a folder"
+    found = output_kind(entry)
+    if strict and found is None:
+        return "is a folder lorablocks did not make (it holds no lorablocks record)"
+    if strict and kind is not None and found != _FAMILY.get(kind, kind):
+        return f"is a lorablocks {found} output, not a {kind} output"
+    return None
+
+
+def check_replaceable(path: str | os.PathLike, kind: str | None = None, inputs: Iterable[str | os.PathLike] = ()) -> None:
+    """Raise :class:`OutputRefusedError` unless an output of ``kind`` may replace what is at ``path``.
+
+    ``kind`` is ``"file"`` for a file output (an existing file may be replaced, a folder never), a folder kind
+    (``adapter``, ``merged-model``, ``study``: only a lorablocks output of that kind), or None (a file, or any
+    lorablocks output folder). The current folder, its ancestors and folders holding ``inputs`` never are.
+    """
+    reason = _refusal(Path(path), kind, list(inputs))
+    if reason is not None:
+        raise OutputRefusedError(f"{path} {reason}; lorablocks replaces only its own previous outputs", path)
+
+
+def check_output_free(path: str | os.PathLike, force: bool = False, *, kind: str | None = None,
+                      inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """Refuse an existing output path (:class:`OutputExistsError`) unless ``force`` and
+    :func:`check_replaceable` allows it; return it as a Path. Creates nothing."""
+    path = Path(path)
+    check_replaceable(path, kind, inputs)
+    if not force and os.path.lexists(path):
+        raise _exists(path)
     return path
 
 
-def _replace(tmp: Path, final: Path) -> None:
-    if final.exists() or final.is_symlink():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
+# --- the final move ---------------------------------------------------------------------------------------
+
+
+def _renameat2_fn() -> Any:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_RENAMEAT2 = _renameat2_fn()
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """Linux ``renameat2``: True when done, False when this system or file system does not support it."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(dst))
+
+
+def _place(tmp: Path, final: Path) -> None:
+    """Move ``tmp`` to ``final``, never replacing anything: FileExistsError when ``final`` exists."""
+    if _renameat2(tmp, final, _NOREPLACE):
+        return
+    lock = final.with_name(f".{_stem(final)}.lock")
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, "another process is finishing this output", str(final)) from None
+    try:
+        os.close(fd)
+        if os.path.lexists(final):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(final))
+        try:
+            os.rename(tmp, final)  # Linux refuses a non-empty folder here
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(final)) from exc
+            raise
+    finally:
+        os.unlink(lock)
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Replace ``final`` by ``tmp`` with no moment without an output (exchange, then remove the old one)."""
+    if not os.path.lexists(final):
+        _place(tmp, final)
+        return
+    if not _renameat2(tmp, final, _EXCHANGE):
+        old = final.with_name(f".{_stem(final)}.old-{os.getpid()}-{os.urandom(4).hex()}")
+        os.rename(final, old)
+        os.rename(tmp, final)
+        tmp = old
+    _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
     else:
-        os.replace(tmp, final)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _fsync(path: str | os.PathLike, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(root: Path) -> None:
+    """fsync every regular file and folder under ``root``, so the move publishes complete data."""
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                _fsync(path)
+        _fsync(folder, directory=True)
+
+
+def _finish(tmp: Path, final: Path, force: bool, kind: str | None, inputs: list, strict: bool) -> None:
+    """Move the finished ``tmp`` into place (see the module docstring); on refusal remove ``tmp``."""
+    try:
+        if force:
+            reason = _refusal(final, kind, inputs, strict)
+            if reason is not None:
+                raise OutputRefusedError(f"{final} {reason}; lorablocks replaces only its own previous outputs", final)
+            _swap_in(tmp, final)
+        else:
+            _place(tmp, final)
+        with contextlib.suppress(OSError):
+            _fsync(final.parent, directory=True)
+    except FileExistsError:
+        _remove(tmp)
+        raise _exists(final, f"{final} appeared while the output was being written; it was left untouched "
+                             "and the new output discarded") from None
+    except OSError as exc:
+        _remove(tmp)
+        raise OutputWriteError(f"cannot write {final}: {exc.strerror or one_line(exc)}", final) from exc
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+# --- temporary outputs ------------------------------------------------------------------------------------
+
+
+def _stem(final: Path) -> str:
+    return final.name[:120]  # room for the suffixes within the 255-byte name limit
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists but belongs to someone else
+    return True
+
+
+_LEFTOVER = re.compile(r"(?:tmp|old)-(?P<pid>\d+)-\w+")
+
+
+def _sweep(final: Path) -> None:
+    """Remove temporary outputs for ``final`` left by runs that died (pid gone, or over a day old)."""
+    prefix = f".{_stem(final)}."
+    try:
+        names = [n for n in os.listdir(final.parent) if n.startswith(prefix)]
+    except OSError:
+        return
+    now = time.time()
+    for name in names:
+        path = final.parent / name
+        try:
+            age = now - os.lstat(path).st_mtime
+        except OSError:
+            continue
+        if name == prefix + "lock":
+            if age > _LOCK_STALE_SECONDS:
+                _remove(path)
+            continue
+        m = _LEFTOVER.fullmatch(name[len(prefix):])
+        if m is not None and (not _alive(int(m["pid"])) or age > STALE_SECONDS):
+            _remove(path)
+
+
+def _start(final: Path, force: bool, kind: str | None, inputs: list, strict: bool) -> None:
+    """Refuse early what the final move would refuse; make the parent folders; sweep leftovers."""
+    reason = _refusal(final, kind, inputs, strict)
+    if reason is not None:
+        raise OutputRefusedError(f"{final} {reason}; lorablocks replaces only its own previous outputs", final)
+    if not force and os.path.lexists(final):
+        raise _exists(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputWriteError(f"cannot write {final}: {exc.strerror or one_line(exc)}", final) from exc
+    _sweep(final)
+
+
+def _write_error(exc: BaseException, tmp: Path, final: Path) -> OutputWriteError | None:
+    """A failure to write the temporary output, re-phrased to name ``final``; None for other errors."""
+    name = type(exc).__name__
+    if isinstance(exc, LoraBlocksError) or not isinstance(exc, Exception):
+        return None
+    text = one_line(exc)
+    if isinstance(exc, OSError):
+        ours = str(exc.filename or "").startswith(str(tmp)) or exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+        reason = exc.strerror or text
+    else:
+        ours = name == "SafetensorError" and (str(tmp) in text or "os error" in text.lower() or "space" in text.lower())
+        reason = text.replace(str(tmp), str(final))
+    return OutputWriteError(f"cannot write {final}: {reason}", final) if ours else None
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success rename it to ``path``, on error remove it."""
-    final = check_output_free(path, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+def atomic_dir(path: str | os.PathLike, force: bool = False, *, kind: str | None = None,
+               inputs: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; when the block succeeds, move it to ``path`` (see the
+    module docstring), on an error remove it.
+
+    ``kind`` names the output (``adapter``, ``merged-model``): with ``force`` only a lorablocks output of
+    that kind is replaced. Without ``kind``, ``force`` may replace any folder lorablocks owns (a cache).
+    ``inputs`` are paths the output must never replace or contain.
+    """
+    final, inputs = Path(path), list(inputs)
+    strict = kind is not None
+    _start(final, force, kind or "folder", inputs, strict)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{_stem(final)}.tmp-{os.getpid()}-", dir=final.parent))
+        os.chmod(tmp, 0o777 & ~_umask())
+    except OSError as exc:
+        raise OutputWriteError(f"cannot write {final}: {exc.strerror or one_line(exc)}", final) from exc
     try:
         yield tmp
-    except BaseException:
+        _sync_tree(tmp)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _replace(tmp, final)
+        err = _write_error(exc, tmp, final)
+        if err is None:
+            raise
+        raise err from exc
+    _finish(tmp, final, force, kind or "folder", inputs, strict)
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, force: bool = False, mode: str = "w") -> Iterator[Any]:
-    """Open a temporary file beside ``path`` for writing; rename it into place when the block succeeds."""
-    final = check_output_free(path, force)
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+def atomic_file(path: str | os.PathLike, force: bool = False, mode: str = "w", *,
+                inputs: Iterable[str | os.PathLike] = ()) -> Iterator[Any]:
+    """Open a temporary file beside ``path`` for writing; move it into place when the block succeeds.
+    With ``force`` an existing file is replaced, never a folder."""
+    final, inputs = Path(path), list(inputs)
+    _start(final, force, "file", inputs, True)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{_stem(final)}.tmp-{os.getpid()}-", dir=final.parent)
+        os.fchmod(fd, 0o666 & ~_umask())
+    except OSError as exc:
+        raise OutputWriteError(f"cannot write {final}: {exc.strerror or one_line(exc)}", final) from exc
     tmp = Path(name)
     try:
         with os.fdopen(fd, mode) as fh:
             yield fh
-    except BaseException:
+            if not fh.closed:
+                fh.flush()
+                os.fsync(fh.fileno())
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        raise
-    _replace(tmp, final)
+        err = _write_error(exc, tmp, final)
+        if err is None:
+            raise
+        raise err from exc
+    _finish(tmp, final, force, "file", inputs, True)
 
 
 def write_json(path: str | os.PathLike, obj: Any, force: bool = False) -> None:
@@ -136,4 +520,5 @@ def versions() -> dict[str, str]:
 
 
 def utc_now() -> str:
+    """The current UTC time, ISO 8601 to the second."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
