@@ -56,11 +56,11 @@ def open_blocks(paths: Sequence[str | os.PathLike], *, allow_base_mismatch: bool
     if not paths:
         raise LoraBlocksError("no adapters given", setting="adapters")
     files = [open_adapter(p) for p in paths]
+    if not allow_base_mismatch:
+        check_same_base_model(files)
     algebra.check_compatible([f.shapes for f in files], [str(f.path) for f in files])
     if len({f.fan_in_fan_out for f in files}) > 1:
         raise ShapeMismatchError("the adapters disagree on fan_in_fan_out: they were made for different model types")
-    if not allow_base_mismatch:
-        check_same_base_model(files)
     return files
 
 
