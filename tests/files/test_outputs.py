@@ -1,0 +1,216 @@
+"""Atomic outputs: never replace without force, replace only lorablocks' own outputs with force, leave no
+temporaries, name the user's path in errors, honour the umask."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lorablocks.errors import LoraBlocksError, OutputExistsError
+from lorablocks.files import outputs
+from lorablocks.files.outputs import (
+    OutputRefusedError,
+    OutputWriteError,
+    atomic_dir,
+    atomic_file,
+    check_output_free,
+    check_replaceable,
+    one_line,
+    output_kind,
+    write_json,
+)
+
+
+def _lorablocks_output(folder: Path, kind: str = "adapter") -> Path:
+    folder.mkdir(parents=True)
+    (folder / "lorablocks.json").write_text(json.dumps({"tool": "lorablocks", "kind": kind}))
+    (folder / "payload.txt").write_text("old")
+    return folder
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(n for n in os.listdir(folder) if n.startswith("."))
+
+
+@pytest.fixture(params=["renameat2", "fallback"])
+def rename_mode(request, monkeypatch):
+    """Every test runs with Linux renameat2 and with the portable fallback (lock file, rename aside)."""
+    if request.param == "fallback":
+        monkeypatch.setattr(outputs, "_renameat2", lambda src, dst, flags: False)
+    return request.param
+
+
+def test_folder_created_during_the_run_survives(tmp_path, rename_mode):
+    out = tmp_path / "race"
+    with pytest.raises(OutputExistsError) as info:
+        with atomic_dir(out, kind="adapter") as tmp:
+            (tmp / "result.txt").write_text("new")
+            out.mkdir()  # the user creates the output folder while lorablocks works
+            (out / "notes.txt").write_text("data")
+    assert (out / "notes.txt").read_text() == "data"
+    assert sorted(os.listdir(out)) == ["notes.txt"]
+    assert info.value.path == out and str(out) in str(info.value) and ".tmp-" not in str(info.value)
+    assert "\n" not in str(info.value) and "--force" not in str(info.value)
+    assert _leftovers(tmp_path) == []
+
+
+def test_file_created_during_the_run_survives(tmp_path, rename_mode):
+    out = tmp_path / "r.json"
+    with pytest.raises(OutputExistsError):
+        with atomic_file(out) as fh:
+            fh.write("new")
+            out.write_text("user")
+    assert out.read_text() == "user"
+    assert _leftovers(tmp_path) == []
+
+
+def test_force_replaces_own_output_by_exchange(tmp_path, rename_mode):
+    out = _lorablocks_output(tmp_path / "a")
+    with atomic_dir(out, force=True, kind="adapter") as tmp:
+        (tmp / "lorablocks.json").write_text(json.dumps({"tool": "lorablocks", "kind": "adapter"}))
+    assert sorted(os.listdir(out)) == ["lorablocks.json"]
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("make", ["user_folder", "other_kind", "fake_marker", "file"])
+def test_force_refuses_what_lorablocks_did_not_make(tmp_path, make):
+    out = tmp_path / "out"
+    if make == "user_folder":
+        out.mkdir()
+        (out / "notes.txt").write_text("data")
+    elif make == "other_kind":
+        _lorablocks_output(out, kind="study")
+    elif make == "fake_marker":  # a study.json of someone else's is no signature
+        out.mkdir()
+        (out / "study.json").write_text("{}")
+        (out / "lorablocks.json").write_text(json.dumps({"tool": "other", "kind": "adapter"}))
+    else:
+        out.write_text("user file")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(OutputRefusedError) as info:
+        with atomic_dir(out, force=True, kind="adapter") as tmp:
+            (tmp / "x").write_text("x")
+    assert str(out) in str(info.value) and "\n" not in str(info.value)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_force_refuses_folder_holding_inputs_and_cwd(tmp_path, monkeypatch):
+    par = _lorablocks_output(tmp_path / "par")
+    (par / "math").mkdir()
+    with pytest.raises(OutputRefusedError, match="holds the input"):
+        check_output_free(par, True, kind="adapter", inputs=[par / "math"])
+    monkeypatch.chdir(par / "math")
+    for target in (".", "..", str(tmp_path)):
+        with pytest.raises(OutputRefusedError, match="current folder"):
+            check_output_free(target, True)
+    assert (par / "payload.txt").exists()
+
+
+def test_file_output_never_replaces_a_folder(tmp_path):
+    target = _lorablocks_output(tmp_path / "dir.json")
+    with pytest.raises(OutputRefusedError, match="file output never replaces a folder"):
+        write_json(target, {"a": 1}, force=True)
+    with pytest.raises(OutputRefusedError):
+        check_replaceable(target, "file")
+    assert (target / "payload.txt").read_text() == "old"
+    # an ordinary file is replaced with force
+    (tmp_path / "x.json").write_text("old")
+    write_json(tmp_path / "x.json", {"a": 1}, force=True)
+    assert json.loads((tmp_path / "x.json").read_text()) == {"a": 1}
+    assert _leftovers(tmp_path) == []
+
+
+def test_check_output_free_creates_nothing(tmp_path):
+    out = tmp_path / "a" / "b" / "c"
+    assert check_output_free(out) == out
+    assert not (tmp_path / "a").exists()
+    with atomic_dir(out) as tmp:
+        (tmp / "f").write_text("x")
+    assert (out / "f").read_text() == "x"
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        with atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "f").write_text("x")
+        write_json(tmp_path / "f.json", {})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o640
+
+
+def test_stale_temporaries_are_swept(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    stale = tmp_path / f".out.tmp-{pid}-abc123"
+    stale.mkdir()
+    (stale / "big").write_text("x")
+    live = tmp_path / f".out.tmp-{os.getppid()}-abc123"  # a running process's output is left alone
+    live.mkdir()
+    unrelated = tmp_path / ".other.tmp-1-x"
+    unrelated.mkdir()
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "f").write_text("x")
+    assert not stale.exists() and live.exists() and unrelated.exists()
+
+
+def test_write_errors_name_the_output(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(OutputWriteError) as info:
+        with atomic_dir(out) as tmp:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / "model.safetensors"))
+    msg = str(info.value)
+    assert msg == f"cannot write {out}: No space left on device"
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_unwritable_parent_names_the_output(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root ignores permissions")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(OutputWriteError, match="Permission denied") as info:
+            write_json(locked / "x.json", {})
+        assert str(locked / "x.json") in str(info.value) and ".tmp-" not in str(info.value)
+    finally:
+        locked.chmod(0o700)
+
+
+def test_other_errors_pass_through_and_clean_up(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "f").write_text("x")
+            raise KeyboardInterrupt
+    assert os.listdir(tmp_path) == []
+
+
+def test_output_kind_reads_records(tmp_path):
+    assert output_kind(_lorablocks_output(tmp_path / "a", "merged-model")) == "merged-model"
+    train = tmp_path / "t"
+    train.mkdir()
+    (train / "lorablocks_train.json").write_text(json.dumps({"tool": "lorablocks", "kind": "train"}))
+    assert output_kind(train) == "adapter"
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "adapter_config.json").write_text("{}")
+    (legacy / "lorablocks.json").write_text(json.dumps({"tool": "lorablocks"}))
+    assert output_kind(legacy) == "adapter"
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "lorablocks.json").write_text("not json")
+    assert output_kind(tmp_path / "junk") is None
+
+
+def test_one_line():
+    assert one_line(ValueError("")) == "ValueError"
+    assert one_line(ValueError("\n  first\nsecond")) == "first"
+    assert issubclass(OutputWriteError, LoraBlocksError)
