@@ -81,6 +81,19 @@ def _similarity_table(rep: dict) -> Table:
     return table
 
 
+def _interference_table(rep: dict) -> Table:
+    names = [Path(a).name for a in rep["adapters"]]
+    fo = rep["function_overlap"]
+    table = Table(title="function overlap I(row -> column): block row's output energy on column's domain inputs, "
+                        "relative to column's own block")
+    table.add_column("block \\ inputs of")
+    for n, d in zip(names, fo["probe_domains"]):
+        table.add_column(f"{n} ({d})", justify="right")
+    for j, n in enumerate(names):
+        table.add_row(n, *[f"{fo['interference'][j][i]:.4f}" for i in range(len(names))])
+    return table
+
+
 def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.4f}"
 
@@ -90,10 +103,14 @@ def similarity_cmd(
     adapters: Annotated[list[Path], typer.Argument(help="Two or more adapter folders.")],
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the matrices and per-module cosines here.")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write an RMS-cosine heatmap (PNG) here.")] = None,
+    probe_data: Annotated[Optional[list[str]], typer.Option("--probe-data", help="One domain per adapter (same order): also print the function overlap I(j -> i) on its inputs. Needs --model.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Base model for --probe-data.")] = None,
+    probe_limit: Annotated[int, typer.Option("--probe-limit", help="Validation examples per probe domain.")] = 16,
     allow_base_mismatch: AllowBaseOpt = False,
     force: ForceOpt = False,
 ) -> None:
-    """Overlap of adapters: RMS and signed mean cosine of their deltas, per pair and per module."""
+    """Overlap of adapters: RMS and signed mean cosine of their deltas, per pair and per module; with
+    --probe-data, also how strongly each block acts on the others' domain inputs (function overlap)."""
     from lorablocks.files.outputs import check_output_free, write_json
 
     if json_out is not None and plot is not None and Path(json_out).resolve() == Path(plot).resolve():
@@ -101,8 +118,16 @@ def similarity_cmd(
     for p in (json_out, plot):
         if p is not None:
             check_output_free(p, force)
+    if probe_data and not model:
+        raise typer.BadParameter("--probe-data needs --model (the base model whose inputs are probed)")
     rep = operations.similarity_report(adapters, allow_base_mismatch=allow_base_mismatch)
     console.print(_similarity_table(rep))
+    if probe_data:
+        from lorablocks.training.probe import probe_adapters
+
+        rep["function_overlap"] = probe_adapters([str(a) for a in adapters], model, probe_data, limit=probe_limit,
+                                                 allow_base_mismatch=allow_base_mismatch)
+        console.print(_interference_table(rep))
     console.print(f"set of {len(rep['adapters'])}: RMS cosine {_fmt(rep['set']['rms_cosine'])}, "
                   f"mean cosine {_fmt(rep['set']['mean_cosine'])}", highlight=False)
     if json_out is not None:
