@@ -11,7 +11,7 @@ import torch
 from lorablocks.core import algebra
 from lorablocks.files.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
 from lorablocks.compose.operations import CombineRequest, combine_files
-from lorablocks.errors import AdapterFormatError, NonFiniteError, UnsupportedAdapterError
+from lorablocks.errors import AdapterFormatError, LoraBlocksError, NonFiniteError, UnsupportedAdapterError
 from lorablocks.model.merge import apply_delta
 from tests.tiny_models import TINY, VOCAB, make_peft_adapter
 
@@ -232,3 +232,96 @@ def test_streamed_safetensors_reads_back_like_the_library(tmp_path, dtype):
         a = tensors[f"base_model.model.{name}.lora_A.weight"]
         assert a.dtype == dtype and torch.equal(a, x.A.to(dtype))
         assert torch.equal(tensors[f"base_model.model.{name}.lora_B.weight"], x.B.to(dtype))
+
+
+# --- bad configs and paths get one line that blames the right thing (issue 7) ----------------------------
+
+
+def _edit_config(path, **changes):
+    cfg = json.loads((path / CONFIG_NAME).read_text())
+    for key, value in changes.items():
+        if value is _DROP:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    (path / CONFIG_NAME).write_text(json.dumps(cfg))
+    return path
+
+
+_DROP = object()
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        ({"rank_pattern": ["q_proj", 2]}, "rank_pattern must be a JSON object"),
+        ({"rank_pattern": {"v_proj": 2.5}}, r"rank_pattern\['v_proj'\] must be a whole number"),
+        ({"rank_pattern": {"v_proj": "2"}}, r"rank_pattern\['v_proj'\] must be a whole number"),
+        ({"alpha_pattern": {"v_proj": [1]}}, r"alpha_pattern\['v_proj'\] must be a finite number"),
+        ({"alpha_pattern": [1]}, "alpha_pattern must be a JSON object"),
+        ({"r": _DROP}, "adapter_config.json has no r"),
+        ({"r": 0}, "r must be a whole number >= 1"),
+        ({"lora_alpha": float("nan")}, "lora_alpha must be a finite number"),
+        ({"lora_alpha": float("inf")}, "lora_alpha must be a finite number"),
+        ({"modules_to_save": 3}, "full modules"),
+        ({"use_rslora": "yes"}, "use_rslora must be true or false"),
+    ],
+)
+def test_bad_config_values_blame_the_field(tmp_path, changes, match):
+    path = _edit_config(make_peft_adapter("llama", tmp_path / "a", seed=11, r=4), **changes)
+    with pytest.raises(LoraBlocksError, match=match) as info:
+        load_adapter(path)
+    assert "\n" not in str(info.value) and "lora_A" not in str(info.value)
+
+
+def test_missing_r_with_default_rank_loads(tmp_path):
+    """PEFT's default r is 8: an adapter without r whose weights have rank 8 is consistent."""
+    path = _edit_config(make_peft_adapter("llama", tmp_path / "a", seed=12, r=8, alpha=16.0), r=_DROP)
+    adapter = load_adapter(path)
+    assert {s[:2] for s in adapter.module_scales.values()} == {(8, 16.0)}
+
+
+def test_scale_overflow_blames_the_scale(tmp_path):
+    path = _edit_config(make_peft_adapter("llama", tmp_path / "a", seed=13, r=4), lora_alpha=1e300)
+    with pytest.raises(NonFiniteError, match="scale alpha/r"):
+        load_adapter(path)
+
+
+def test_symlink_loop_and_broken_link(tmp_path):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(AdapterFormatError, match="symbolic link loop"):
+        load_adapter(tmp_path / "loop")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(AdapterFormatError, match="broken symbolic link"):
+        load_adapter(tmp_path / "dangling")
+    path = make_peft_adapter("llama", tmp_path / "a", seed=14)
+    (path / WEIGHTS_NAME).unlink()
+    (path / WEIGHTS_NAME).symlink_to(path / WEIGHTS_NAME)
+    with pytest.raises(AdapterFormatError, match="symbolic link loop"):
+        load_adapter(path)
+
+
+@pytest.mark.parametrize("name", [CONFIG_NAME, WEIGHTS_NAME])
+def test_unreadable_file_says_permission_denied(tmp_path, monkeypatch, name):
+    import builtins
+    import errno
+    import os
+
+    from lorablocks.files import adapters
+
+    path = make_peft_adapter("llama", tmp_path / "a", seed=15)
+    target = path / name
+    if os.geteuid() == 0:  # root reads anything: refuse the open as the kernel would for a user
+
+        def deny(file, *args, **kwargs):
+            if os.fspath(file) == str(target):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(target))
+            return builtins.open(file, *args, **kwargs)
+
+        monkeypatch.setattr(adapters, "open", deny, raising=False)
+    else:
+        target.chmod(0)
+    with pytest.raises(AdapterFormatError) as info:
+        load_adapter(path)
+    msg = str(info.value)
+    assert "Permission denied" in msg and str(target) in msg and "No such file" not in msg

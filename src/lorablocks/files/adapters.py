@@ -13,12 +13,15 @@ What a sum of deltas cannot represent exactly is refused: DoRA, LoRA biases, ext
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import math
 import os
 import re
 import shutil
+import stat
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +31,8 @@ from safetensors import SafetensorError
 from safetensors import safe_open
 
 from lorablocks.core.algebra import Delta, LowRank, check_finite, from_peft_factors, lora_scale
-from lorablocks.errors import AdapterFormatError, UnsupportedAdapterError
-from lorablocks.files.outputs import atomic_dir, sha256_file, utc_now, versions
+from lorablocks.errors import AdapterFormatError, NonFiniteError, UnsupportedAdapterError
+from lorablocks.files.outputs import atomic_dir, one_line, sha256_file, utc_now, versions
 
 __all__ = ["Adapter", "AdapterFile", "AdapterWriter", "open_adapter", "load_adapter", "save_adapter", "CONFIG_NAME", "WEIGHTS_NAME", "RECORD_NAME"]
 
@@ -37,6 +40,9 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 #: Provenance written beside every adapter lorablocks makes.
 RECORD_NAME = "lorablocks.json"
+
+#: PEFT's LoraConfig default rank, which applies when a config has no ``r``.
+_PEFT_DEFAULT_R = 8
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>A|B)(?:\.[^.]+)?\.weight$")
 
@@ -89,20 +95,87 @@ def _pattern_value(pattern: Mapping[str, Any], module: str, default: Any) -> Any
     return default
 
 
+def _check_folder(path: Path) -> None:
+    """Raise a one-line AdapterFormatError unless ``path`` is a folder that can be read."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise AdapterFormatError(f"{path} is a broken symbolic link" if os.path.islink(path)
+                                 else f"{path} does not exist") from None
+    except OSError as exc:
+        raise AdapterFormatError(_unreadable(path, exc)) from None
+    if not stat.S_ISDIR(mode):
+        raise AdapterFormatError(f"{path} is not a folder; an adapter is a folder with {CONFIG_NAME} and {WEIGHTS_NAME}")
+
+
+def _stat_file(path: Path, missing: str) -> None:
+    """Raise a one-line AdapterFormatError unless ``path`` is a readable regular file; ``missing`` is the
+    message when it does not exist."""
+    try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISREG(mode):
+            with open(path, "rb"):
+                return
+    except FileNotFoundError:
+        raise AdapterFormatError(f"{path} is a broken symbolic link" if os.path.islink(path) else missing) from None
+    except OSError as exc:
+        raise AdapterFormatError(_unreadable(path, exc)) from None
+    raise AdapterFormatError(f"{path} is not a regular file")
+
+
+def _unreadable(path: Path, exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return f"{path} is a symbolic link loop"
+    return f"{path} cannot be read: {exc.strerror or one_line(exc)}"
+
+
 def _read_config(path: Path) -> dict[str, Any]:
     cfg_path = path / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise AdapterFormatError(f"{path} is not a LoRA adapter: it has no {CONFIG_NAME}")
+    _stat_file(cfg_path, f"{path} is not a LoRA adapter: it has no {CONFIG_NAME}")
     try:
-        config = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterFormatError(f"{cfg_path} is not valid JSON ({exc})")
+        config = json.loads(cfg_path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise AdapterFormatError(_unreadable(cfg_path, exc)) from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise AdapterFormatError(f"{cfg_path} is not valid JSON ({one_line(exc)})") from None
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{cfg_path} does not hold a JSON object")
     return config
 
 
+def _rank(value: Any, what: str, where: Path) -> int:
+    """A LoRA rank from a config: a whole number >= 1 (``4.0`` is 4)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value != int(value) or value < 1:
+        raise AdapterFormatError(f"{where}: {what} must be a whole number >= 1, got {value!r}")
+    return int(value)
+
+
+def _alpha(value: Any, what: str, where: Path) -> float:
+    """A LoRA alpha from a config: a finite number."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise AdapterFormatError(f"{where}: {what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _pattern(config: Mapping[str, Any], key: str, where: Path, parse: Any) -> dict[str, Any]:
+    """``rank_pattern``/``alpha_pattern``: a JSON object from module-name patterns to values."""
+    pattern = config.get(key)
+    if pattern is None or pattern == {}:
+        return {}
+    if not isinstance(pattern, dict):
+        raise AdapterFormatError(f"{where}: {key} must be a JSON object from module names to values, "
+                                 f"got {type(pattern).__name__}")
+    return {k: parse(v, f"{key}[{k!r}]", where) for k, v in pattern.items()}
+
+
 def _check_supported(config: dict[str, Any], where: Path) -> None:
+    for key in ("use_dora", "use_rslora", "fan_in_fan_out", "lora_bias"):
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            raise AdapterFormatError(f"{where}: {key} must be true or false, got {config[key]!r}")
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise AdapterFormatError(f"{where}: base_model_name_or_path must be a string, got {base!r}")
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise UnsupportedAdapterError(f"{where}: peft_type {peft_type} is not LoRA")
@@ -110,16 +183,78 @@ def _check_supported(config: dict[str, Any], where: Path) -> None:
         raise UnsupportedAdapterError(
             f"{where}: DoRA adapters rescale the weight by a learned magnitude; their sum is not a sum of deltas"
         )
-    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+    if config.get("bias", "none") not in ("none", None) or config.get("lora_bias"):
         raise UnsupportedAdapterError(f"{where}: the adapter trains biases, which lorablocks cannot combine exactly")
-    if config.get("modules_to_save"):
+    extra = config.get("modules_to_save")
+    if extra:
+        names = ", ".join(map(str, extra)) if isinstance(extra, (list, tuple)) else str(extra)
         raise UnsupportedAdapterError(
-            f"{where}: the adapter also trains full modules ({', '.join(map(str, config['modules_to_save']))}); "
-            "only LoRA factors can be combined exactly"
+            f"{where}: the adapter also trains full modules ({names}); only LoRA factors can be combined exactly"
         )
-    for key in ("r", "lora_alpha"):
-        if key in config and not isinstance(config[key], (int, float)):
-            raise AdapterFormatError(f"{where}: {key} must be a number, got {config[key]!r}")
+
+
+@dataclass(frozen=True)
+class _Scaling:
+    """What a config says about ranks and scales, validated."""
+
+    r: int | None  # None: the config has no r (PEFT's default 8 applies)
+    alpha: float
+    use_rslora: bool
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+
+    @classmethod
+    def of(cls, config: Mapping[str, Any], where: Path) -> "_Scaling":
+        r = _rank(config["r"], "r", where) if config.get("r") is not None else None
+        alpha = config.get("lora_alpha")
+        alpha = float(r or _PEFT_DEFAULT_R) if alpha is None else _alpha(alpha, "lora_alpha", where)
+        return cls(r, alpha, bool(config.get("use_rslora", False)), _pattern(config, "rank_pattern", where, _rank),
+                   _pattern(config, "alpha_pattern", where, _alpha))
+
+    def module(self, module: str, stored: int, where: Path) -> tuple[int, float, float]:
+        """``(r_m, alpha_m, scale_m)`` of ``module`` whose weights have rank ``stored``."""
+        r = _pattern_value(self.rank_pattern, module, self.r)
+        if r is None:
+            if stored != _PEFT_DEFAULT_R:
+                raise AdapterFormatError(
+                    f"{where}: {CONFIG_NAME} has no r (PEFT then assumes {_PEFT_DEFAULT_R}), but module {module} "
+                    f"has rank {stored} in its weights"
+                )
+            r = _PEFT_DEFAULT_R
+        if r != stored:
+            raise AdapterFormatError(f"{where}: module {module} has rank {stored} in its weights but {r} in {CONFIG_NAME}")
+        alpha = float(_pattern_value(self.alpha_pattern, module, self.alpha))
+        return r, alpha, lora_scale(r, alpha, self.use_rslora)
+
+
+def _read_header(weights: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, from the safetensors header (no data read)."""
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            return {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError) as exc:
+        raise AdapterFormatError(f"{weights} is corrupt or truncated ({one_line(exc)})") from None
+
+
+def _factor_keys(header: Mapping[str, tuple[int, ...]], path: Path) -> dict[str, dict[str, str]]:
+    """module -> {"A": key, "B": key}; refuses tensors that are not Linear LoRA factors."""
+    keys: dict[str, dict[str, str]] = {}
+    for key, shape in header.items():
+        if "lora_magnitude_vector" in key:
+            raise UnsupportedAdapterError(f"{path}: tensor {key} is a DoRA magnitude; DoRA cannot be summed exactly")
+        if "lora_embedding_" in key:
+            raise UnsupportedAdapterError(f"{path}: tensor {key} is an embedding LoRA, which lorablocks does not support")
+        m = _KEY.match(key)
+        if m is None:
+            raise UnsupportedAdapterError(
+                f"{path}: tensor {key} is not a LoRA factor (biases and extra trained modules cannot be combined)"
+            )
+        if len(shape) != 2:
+            raise UnsupportedAdapterError(f"{path}: tensor {key} has {len(shape)} dimensions; only Linear LoRA is supported")
+        keys.setdefault(m["module"], {})[m["which"]] = key
+    if not keys:
+        raise AdapterFormatError(f"{path / WEIGHTS_NAME} holds no LoRA factors")
+    return keys
 
 
 class AdapterFile(_Described):
@@ -131,59 +266,26 @@ class AdapterFile(_Described):
 
     def __init__(self, path: str | os.PathLike) -> None:
         path = Path(path)
-        if not path.exists():
-            raise AdapterFormatError(f"{path} does not exist")
-        if not path.is_dir():
-            raise AdapterFormatError(
-                f"{path} is not a folder; an adapter is a folder with {CONFIG_NAME} and {WEIGHTS_NAME}"
-            )
+        _check_folder(path)
         config = _read_config(path)
         _check_supported(config, path)
+        scaling = _Scaling.of(config, path)
         weights = path / WEIGHTS_NAME
-        if not weights.is_file():
-            if (path / "adapter_model.bin").exists():
-                raise UnsupportedAdapterError(
-                    f"{path} stores its weights as pickled adapter_model.bin, which can run arbitrary code when "
-                    f"loaded; convert it to {WEIGHTS_NAME} with a tool you trust"
-                )
-            raise AdapterFormatError(f"{path} has no {WEIGHTS_NAME}")
+        if not os.path.lexists(weights) and os.path.lexists(path / "adapter_model.bin"):
+            raise UnsupportedAdapterError(
+                f"{path} stores its weights as pickled adapter_model.bin, which can run arbitrary code when "
+                f"loaded; convert it to {WEIGHTS_NAME} with a tool you trust"
+            )
+        _stat_file(weights, f"{path} has no {WEIGHTS_NAME}")
         self.path, self.config, self.weights = path, config, weights
-        try:
-            with safe_open(str(weights), framework="pt") as fh:
-                header = {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise AdapterFormatError(f"{weights} is corrupt or truncated ({str(exc).splitlines()[0]})")
-
-        keys: dict[str, dict[str, str]] = {}
-        for key, shape in header.items():
-            if "lora_magnitude_vector" in key:
-                raise UnsupportedAdapterError(f"{path}: tensor {key} is a DoRA magnitude; DoRA cannot be summed exactly")
-            if "lora_embedding_" in key:
-                raise UnsupportedAdapterError(f"{path}: tensor {key} is an embedding LoRA, which lorablocks does not support")
-            m = _KEY.match(key)
-            if m is None:
-                raise UnsupportedAdapterError(
-                    f"{path}: tensor {key} is not a LoRA factor (biases and extra trained modules cannot be combined)"
-                )
-            if len(shape) != 2:
-                raise UnsupportedAdapterError(f"{path}: tensor {key} has {len(shape)} dimensions; only Linear LoRA is supported")
-            keys.setdefault(m["module"], {})[m["which"]] = key
-        if not keys:
-            raise AdapterFormatError(f"{weights} holds no LoRA factors")
-
-        r_default = int(config.get("r", 8))
-        alpha_default = float(config.get("lora_alpha", r_default))
-        use_rslora = bool(config.get("use_rslora", False))
-        rank_pattern = config.get("rank_pattern") or {}
-        alpha_pattern = config.get("alpha_pattern") or {}
+        header = _read_header(weights)
         #: module -> (lora_A key, lora_B key)
         self.keys: dict[str, tuple[str, str]] = {}
         #: module -> (out, in) of its dense delta
         self.shapes: dict[str, tuple[int, int]] = {}
         #: module -> (rank r_m, alpha_m, scale s_m) as the config says
         self.module_scales: dict[str, tuple[int, float, float]] = {}
-        for module in sorted(keys):
-            pair = keys[module]
+        for module, pair in sorted(_factor_keys(header, path).items()):
             if set(pair) != {"A", "B"}:
                 missing = ({"A", "B"} - set(pair)).pop()
                 raise AdapterFormatError(f"{path}: module {module} has no lora_{missing} factor")
@@ -192,16 +294,13 @@ class AdapterFile(_Described):
                 raise AdapterFormatError(
                     f"{path}: module {module} has lora_A {a_shape} and lora_B {b_shape}, which do not chain"
                 )
-            r = int(_pattern_value(rank_pattern, module, r_default))
-            alpha = float(_pattern_value(alpha_pattern, module, alpha_default))
-            if r != a_shape[0]:
-                raise AdapterFormatError(
-                    f"{path}: module {module} has rank {a_shape[0]} in its weights but {r} in {CONFIG_NAME}"
-                )
             self.keys[module] = (pair["A"], pair["B"])
             self.shapes[module] = (b_shape[0], a_shape[1])
-            self.module_scales[module] = (r, alpha, lora_scale(r, alpha, use_rslora))
-        self.sha256 = sha256_file(weights)
+            self.module_scales[module] = scaling.module(module, a_shape[0], path)
+        try:
+            self.sha256 = sha256_file(weights)
+        except OSError as exc:
+            raise AdapterFormatError(_unreadable(weights, exc)) from None
 
     @property
     def modules(self) -> list[str]:
@@ -209,8 +308,17 @@ class AdapterFile(_Described):
 
     def _read(self, fh: Any, module: str, dtype: torch.dtype) -> LowRank:
         key_a, key_b = self.keys[module]
-        x = from_peft_factors(fh.get_tensor(key_a), fh.get_tensor(key_b), self.module_scales[module][2], dtype=dtype)
-        check_finite({module: x}, label=str(self.path))
+        try:
+            a, b = fh.get_tensor(key_a), fh.get_tensor(key_b)
+        except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
+            raise AdapterFormatError(f"{self.weights}: cannot read module {module} ({one_line(exc)})") from None
+        r, alpha, s = self.module_scales[module]
+        check_finite({module: LowRank(B=b, A=a)}, label=str(self.path))  # blames the factor at fault
+        x = from_peft_factors(a, b, s, dtype=dtype)
+        for which, t in (("A", x.A), ("B", x.B)):
+            if not torch.isfinite(t).all():
+                what = f"lora_A times its scale alpha/r = {alpha:g}/{r}" if which == "A" else "lora_B"
+                raise NonFiniteError(f"{self.path}: module {module}: {what} overflows {str(dtype).replace('torch.', '')}")
         return x
 
     def factors(self, module: str, dtype: torch.dtype = torch.float32) -> LowRank:
@@ -280,8 +388,9 @@ class AdapterWriter:
     """
 
     def __init__(self, out: str | os.PathLike, *, base_model: str | None, fan_in_fan_out: bool = False,
-                 task_type: str | None = "CAUSAL_LM", force: bool = False, dtype: torch.dtype = torch.float32) -> None:
-        self.out, self.force, self.dtype = Path(out), force, dtype
+                 task_type: str | None = "CAUSAL_LM", force: bool = False, dtype: torch.dtype = torch.float32,
+                 inputs: Sequence[str | os.PathLike] = ()) -> None:
+        self.out, self.force, self.dtype, self.inputs = Path(out), force, dtype, list(inputs)
         self.base_model, self.fan_in_fan_out, self.task_type = base_model, fan_in_fan_out, task_type
         self.record: dict[str, Any] = {}
         self._ranks: dict[str, int] = {}
@@ -290,7 +399,7 @@ class AdapterWriter:
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> "AdapterWriter":
-        self._tmp = self._stack.enter_context(atomic_dir(self.out, force=self.force))
+        self._tmp = self._stack.enter_context(atomic_dir(self.out, force=self.force, kind="adapter", inputs=self.inputs))
         self._data = self._stack.enter_context(open(self._tmp / ".data", "wb"))
         return self
 
@@ -324,7 +433,7 @@ class AdapterWriter:
         (self._tmp / ".data").unlink()
         config = _peft_config(self._ranks, self.base_model, self.fan_in_fan_out, self.task_type)
         (self._tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        rec = {"tool": "lorablocks", "created": utc_now(), "versions": versions(), **self.record}
+        rec = {"tool": "lorablocks", "kind": "adapter", "created": utc_now(), "versions": versions(), **self.record}
         (self._tmp / RECORD_NAME).write_text(json.dumps(rec, indent=2, default=str) + "\n")
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -347,14 +456,16 @@ def save_adapter(
     record: dict[str, Any] | None = None,
     force: bool = False,
     dtype: torch.dtype = torch.float32,
+    inputs: Sequence[str | os.PathLike] = (),
 ) -> Path:
     """Write ``delta`` as a PEFT LoRA adapter folder, atomically, with a provenance record beside it.
 
     Each module is stored with scale 1 (``alpha_m = r_m``); the most common rank is ``r`` and the others go
     in ``rank_pattern``/``alpha_pattern`` keyed by full module name. Zero-rank modules are left out.
+    With ``force`` only a previous lorablocks adapter is replaced, never a folder holding ``inputs``.
     """
     with AdapterWriter(out, base_model=base_model, fan_in_fan_out=fan_in_fan_out, task_type=task_type,
-                       force=force, dtype=dtype) as writer:
+                       force=force, dtype=dtype, inputs=inputs) as writer:
         for name, x in delta.items():
             writer.add(name, x)
         writer.record = dict(record or {})
