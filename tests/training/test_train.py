@@ -1,9 +1,11 @@
-"""Training: schedule, config validation, output record, resume == uninterrupted, 2 processes == 1, CLI."""
+"""Training: schedule, output record, resume == uninterrupted (never unpickling), 2 processes == 1, CLI."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -18,7 +20,7 @@ from lorablocks.training import train as train_mod
 from lorablocks.cli import run_app
 from lorablocks.training.data import TokenizedExample
 from lorablocks.errors import ConfigError, OutputExistsError
-from lorablocks.training.train import RECORD_NAME, TrainConfig, batch_schedule, load_config, train_adapter
+from lorablocks.training.train import RECORD_NAME, TrainConfig, batch_schedule, train_adapter
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,31 +53,6 @@ def test_batch_schedule_is_pure_balanced_and_bucketed():
     for b in s1:  # each batch is sorted by length
         ls = [lengths[k][i] for k, i in b]
         assert ls == sorted(ls)
-
-
-# ------------------------------------------------------------------------------------------- config
-
-
-def test_config_reports_every_problem_at_once(tmp_path):
-    with pytest.raises(ConfigError) as exc:
-        load_config(None, {"r": 0, "learning_rate": -1.0, "batch_size": "x", "bogus": 1, "mixed_precision": "fp8"})
-    msg = str(exc.value)
-    for part in ("--r must be >= 1", "--learning-rate must be > 0", "--batch-size must be an integer",
-                 "unknown setting 'bogus'", "--mixed-precision", "--data", "--out"):
-        assert part in msg, part
-
-
-def test_config_file_then_flags(tmp_path):
-    f = tmp_path / "c.yaml"
-    f.write_text("data: [a, b]\nout: o\nlearning-rate: 0.01\nmax_steps: 7\nlimit: 5\ntargets: q_proj,v_proj\n")
-    cfg = load_config(f, {"max_steps": 9, "seed": None})
-    assert cfg.data == ["a", "b"] and cfg.learning_rate == 0.01 and cfg.max_steps == 9 and cfg.seed == 0
-    assert cfg.train_limit == 5 and cfg.targets == ["q_proj", "v_proj"]
-    (tmp_path / "bad.yaml").write_text("- a list\n")
-    with pytest.raises(ConfigError, match="mapping"):
-        load_config(tmp_path / "bad.yaml")
-    with pytest.raises(ConfigError, match="does not exist"):
-        load_config(tmp_path / "missing.yaml")
 
 
 # -------------------------------------------------------------------------------------------- train
@@ -122,7 +99,21 @@ def test_training_is_deterministic_and_seeded(tiny_model_dirs, domains, tmp_path
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_resume_equals_uninterrupted(tiny_model_dirs, domains, tmp_path, monkeypatch):
+class _Payload:
+    """Unpickling this creates ``path``: a harmless stand-in for code run from a planted pickle."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def _plant_pickle(path: Path, marker: Path) -> None:
+    path.write_bytes(pickle.dumps({"optimizer": _Payload(marker)}))
+
+
+def test_resume_equals_uninterrupted(tiny_model_dirs, domains, tmp_path, monkeypatch, caplog):
     m = tiny_model_dirs["gpt2"]
     data = [domains["math"], domains["words"]]
     full = train_adapter(_cfg(m, data, tmp_path / "full", max_steps=9, checkpoint_every=4), progress=False)
@@ -139,16 +130,30 @@ def test_resume_equals_uninterrupted(tiny_model_dirs, domains, tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         train_adapter(cfg, progress=False)
     assert not (tmp_path / "part").exists()  # nothing half-written
-    assert (tmp_path / "part.checkpoints" / "step-0000004").is_dir()
+    ckpt = tmp_path / "part.checkpoints" / "step-0000004"
+    assert sorted(p.suffix for p in ckpt.iterdir()) == [".json", ".safetensors", ".safetensors", ".safetensors"]
     monkeypatch.setattr(train_mod, "_save_checkpoint", real_save)
+    # pickles planted in the checkpoint folder (as in a shared study folder) are never unpickled: one beside
+    # the real checkpoint, and a newer "checkpoint" in the pickle format of earlier versions, which is skipped
+    marker = tmp_path / "pwned"
+    _plant_pickle(ckpt / "state.pt", marker)
+    newer = ckpt.parent / "step-0000008"
+    newer.mkdir()
+    _plant_pickle(newer / "state.pt", marker)
+    _plant_pickle(newer / "rng-0.pt", marker)
 
     # a changed setting is refused on resume
     with pytest.raises(ConfigError, match="learning_rate"):
         train_adapter(_cfg(m, data, tmp_path / "part", max_steps=9, checkpoint_every=4, learning_rate=1e-3,
                            resume=True), progress=False)
-    resumed = train_adapter(_cfg(m, data, tmp_path / "part", max_steps=9, checkpoint_every=4, resume=True),
-                            progress=False)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lorablocks"):
+        resumed = train_adapter(_cfg(m, data, tmp_path / "part", max_steps=9, checkpoint_every=4, resume=True),
+                                progress=False)
     assert resumed.record["resumed_from"].endswith("step-0000004")
+    assert not marker.exists()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"ignoring {newer}: not a lorablocks checkpoint (safetensors + JSON); pickled files are never loaded"]
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "part")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert [e["loss"] for e in full.record["loss_curve"]] == [e["loss"] for e in resumed.record["loss_curve"]]
@@ -232,14 +237,14 @@ def test_cli_train_bad_inputs(tiny_model_dirs, domains, tmp_path, capsys):
     bad.mkdir()
     (bad / "train.jsonl").write_text('{"id": "1", "question": "q"}\n')
     cases = [
-        (["--model", m, "--out", str(tmp_path / "x")], "--data"),
+        (["--model", m, "--out", str(tmp_path / "x")], "data must name at least one domain"),
         (["--model", m, "--data", str(domains["math"]), "--out", str(existing)], "exists"),
         (["--model", m, "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "y")], "does not exist"),
         (["--model", m, "--data", str(bad), "--out", str(tmp_path / "z")], "train.jsonl:1: missing field 'answer'"),
         (["--model", m, "--data", str(domains["math"]), "--out", str(tmp_path / "w"), "--targets", "nope_proj"],
          "nope_proj"),
         (["--model", m, "--data", str(domains["math"]), "--out", str(tmp_path / "v"), "--r", "0", "--lr", "-1"],
-         "--r must be >= 1"),
+         "r must be >= 1"),
         (["--model", str(tmp_path / "nomodel"), "--data", str(domains["math"]), "--out", str(tmp_path / "u")],
          "smollm2-135m"),
     ]

@@ -6,14 +6,18 @@ Each parses its flags, calls one library function and prints. Several values may
 
 from __future__ import annotations
 
+import inspect
+import os
+import typing
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
 
 from lorablocks.cli.app import app, console
 from lorablocks.errors import LoraBlocksError, ShapeMismatchError
+from lorablocks.training.config import LoraSettings, OptimSettings, TrainConfig
 
 _MULTI = {"allow_extra_args": True}
 
@@ -46,61 +50,38 @@ def prepare_model_cmd(
     console.print(f"{model}: {what} at [bold]{path}[/bold]", highlight=False)
 
 
-@app.command("train", context_settings=_MULTI)
-def train_cmd(
-    ctx: typer.Context,
-    data: Annotated[Optional[list[str]], typer.Option("--data", help="Domain(s): folder with train/validation/test.jsonl, a .jsonl file, or a hub dataset name. Several give the merged-data adapter.")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", help="Output adapter folder.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Base model: smollm2-135m (built in), a local folder or a hub id.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="YAML/JSON file of settings; flags override it.")] = None,
-    targets: Annotated[Optional[str], typer.Option("--targets", help="Comma-separated LoRA target modules (default: the model family's preset).")] = None,
-    r: Annotated[Optional[int], typer.Option("--r", "--rank", help="LoRA rank [4].")] = None,
-    alpha: Annotated[Optional[float], typer.Option("--alpha", help="LoRA alpha; scale alpha/r [64].")] = None,
-    dropout: Annotated[Optional[float], typer.Option("--dropout", help="LoRA dropout [0].")] = None,
-    learning_rate: Annotated[Optional[float], typer.Option("--learning-rate", "--lr", help="AdamW peak learning rate.")] = None,
-    warmup_steps: Annotated[Optional[int], typer.Option("--warmup-steps", help="Linear warm-up steps.")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="AdamW weight decay.")] = None,
-    max_grad_norm: Annotated[Optional[float], typer.Option("--max-grad-norm", help="Gradient clipping norm (0: off).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Examples per optimizer step (all processes).")] = None,
-    micro_batch_size: Annotated[Optional[int], typer.Option("--micro-batch-size", help="Examples per forward pass per process (gradient accumulation).")] = None,
-    micro_batch_tokens: Annotated[Optional[int], typer.Option("--micro-batch-tokens", help="Max padded tokens per forward pass (memory bound; same result; 0: none) [512].")] = None,
-    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Max tokens per example; longer ones are truncated and counted.")] = None,
-    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of LoRA init, data order and dropout.")] = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Use the first N training examples per domain.")] = None,
-    eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Validation loss every N steps (0: start and end only).")] = None,
-    val_limit: Annotated[Optional[int], typer.Option("--val-limit", help="Validation examples per domain (0: none).")] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="Checkpoint every N steps (0: none).")] = None,
-    checkpoint_dir: Annotated[Optional[str], typer.Option("--checkpoint-dir", help="Checkpoint folder [<out>.checkpoints].")] = None,
-    keep_checkpoints: Annotated[Optional[bool], typer.Option("--keep-checkpoints", help="Keep the last checkpoint after success.")] = None,
-    resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue from the latest checkpoint (start afresh if none).")] = None,
-    mixed_precision: Annotated[Optional[str], typer.Option("--mixed-precision", help="no, bf16 or fp16 (Accelerate).")] = None,
-    cache_dir: CacheOpt = None,
-    force: Annotated[Optional[bool], typer.Option("--force", help="Replace an existing output folder.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
-) -> None:
+#: Flag spellings other than ``--name-with-dashes``: short aliases, and ``--limit`` for ``train_limit``.
+_TRAIN_FLAGS = {"r": ("--r", "--rank"), "learning_rate": ("--learning-rate", "--lr"), "train_limit": ("--limit",)}
+#: Settings whose flag takes several values (``--data a b`` or ``--data a --data b``); other lists are comma-separated.
+_TRAIN_MULTI = {"data"}
+
+
+def _train_option(name: str) -> inspect.Parameter:
+    """The ``train`` flag of one :class:`TrainConfig` setting: its type, help and default come from the field."""
+    info = TrainConfig.model_fields[name]
+    kind = info.annotation if info.annotation in (int, float, bool) else str
+    if name in _TRAIN_MULTI:
+        kind = list[str]
+    elif int in typing.get_args(info.annotation):
+        kind = int
+    default = info.get_default(call_default_factory=True)
+    shown = default is not None and default is not False and default not in ("", [])
+    panel = "LoRA" if name in LoraSettings.model_fields else "Training" if name in OptimSettings.model_fields else "Run"
+    option = typer.Option(*_TRAIN_FLAGS.get(name, ("--" + name.replace("_", "-"),)), rich_help_panel=panel,
+                          help=f"{info.description} \\[default: {default}]" if shown else info.description)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[kind], option])
+
+
+def train_cmd(ctx: typer.Context, config: Optional[Path] = None, quiet: bool = False, **settings: Any) -> None:
     """Train a LoRA adapter on one domain, or the merged-data adapter on several (balanced)."""
     from lorablocks.training.train import load_config, train_adapter
 
-    domains = list(data or []) + _extras(ctx)
-    overrides = {
-        "data": domains or None, "out": out, "model": model, "targets": targets, "r": r, "alpha": alpha,
-        "dropout": dropout, "learning_rate": learning_rate, "warmup_steps": warmup_steps,
-        "weight_decay": weight_decay, "max_grad_norm": max_grad_norm, "batch_size": batch_size,
-        "micro_batch_size": micro_batch_size, "micro_batch_tokens": micro_batch_tokens, "max_length": max_length, "max_steps": max_steps, "seed": seed,
-        "train_limit": limit, "eval_every": eval_every, "val_limit": val_limit,
-        "checkpoint_every": checkpoint_every, "checkpoint_dir": checkpoint_dir,
-        "keep_checkpoints": keep_checkpoints, "resume": resume, "mixed_precision": mixed_precision,
-        "cache_dir": str(cache_dir) if cache_dir else None, "force": force,
-    }
-    cfg = load_config(config, overrides)
+    settings["data"] = list(settings.get("data") or []) + _extras(ctx) or None
+    cfg = load_config(config, settings)
     result = train_adapter(cfg, progress=not quiet)
     rec = result.record
-    if rec["processes"] > 1:
-        import os
-
-        if int(os.environ.get("RANK", "0")) != 0:
-            return
+    if rec["processes"] > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return
     val = rec["validation"][-1]["loss"] if rec["validation"] else float("nan")
     trunc = ", ".join(f"{d['name']} {d['train_truncated']}/{d['train_examples']}" for d in rec["domains"])
     console.print(
@@ -109,6 +90,24 @@ def train_cmd(
         f"truncated at {cfg.max_length} tokens: {trunc}",
         highlight=False,
     )
+
+
+def _train_signature() -> inspect.Signature:
+    """``train_cmd``'s signature as Typer reads it: one flag per :class:`TrainConfig` setting (``None``: not
+    given, so the config file or the default applies), plus ``--config`` and ``--quiet``."""
+    first = ["data", "out", "model"]
+    names = first + [n for n in TrainConfig.model_fields if n not in first]
+    settings = [_train_option(n) for n in names]
+    config = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[Path], typer.Option("--config", help="YAML/JSON file of settings (keys as the flags); flags override it.", rich_help_panel="Run")])
+    quiet = inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+        bool, typer.Option("--quiet", help="No progress bar.", rich_help_panel="Run")])
+    ctx = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+    return inspect.Signature([ctx, *settings[:3], config, *settings[3:], quiet])
+
+
+train_cmd.__signature__ = _train_signature()  # type: ignore[attr-defined]
+app.command("train", context_settings=_MULTI)(train_cmd)
 
 
 @app.command("eval", context_settings=_MULTI)
