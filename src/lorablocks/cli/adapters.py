@@ -38,17 +38,44 @@ def combine_cmd(
     seed: SeedOpt = None,
     rank: RankOpt = "minimal",
     rtol: RtolOpt = 1e-6,
+    model: Annotated[Optional[str], typer.Option("--model", help="learned: the base model the weights are fitted on.")] = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", help="learned: domain(s) whose validation examples fit the weights (repeat the flag).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="learned: optimizer steps [20].")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="learned: examples per domain, a quarter held out [16].")] = None,
     merge_into: Annotated[Optional[Path], typer.Option("--merge-into", help="Write a full model: this base model folder plus the combined delta.")] = None,
     allow_base_mismatch: AllowBaseOpt = False,
     force: ForceOpt = False,
 ) -> None:
     """Weighted composition of LoRA adapters (default: the exact sum sum_i w_i B_i A_i), as one adapter or merged model."""
+    w = parse_weights(weights, len(adapters))
+    if method == "learned":
+        _combine_learned(adapters, out, w, parse_rank(rank), rtol, model, data, steps, limit, allow_base_mismatch, force)
+        return
+    given = [f for f, v in (("--model", model), ("--data", data), ("--steps", steps), ("--limit", limit)) if v]
+    if given:
+        raise typer.BadParameter(f"{given[0]} is for --method learned only")
     request = operations.CombineRequest(
-        weights=parse_weights(weights, len(adapters)), method=method, rank=parse_rank(rank), rtol=rtol,
+        weights=w, method=method, rank=parse_rank(rank), rtol=rtol,
         params=method_params(density=density, space=space, majority_sign=majority_sign, seed=seed),
         allow_base_mismatch=allow_base_mismatch)
     result = operations.combine_files(adapters, out, request, merge_into=merge_into, force=force)
     _print_combine(result, out, "merged model" if merge_into else "adapter")
+
+
+def _combine_learned(adapters, out, weights, rank, rtol, model, data, steps, limit, allow_base_mismatch, force) -> None:
+    from lorablocks.training.learned import LearnSettings, combine_learned
+
+    defaults = LearnSettings()
+    settings = LearnSettings(steps=defaults.steps if steps is None else steps,
+                             limit=defaults.limit if limit is None else limit)
+    result, fit = combine_learned([str(a) for a in adapters], str(out), data=data or [], model=model or "smollm2-135m",
+                                  weights=weights, rank=rank, rtol=rtol, settings=settings,
+                                  allow_base_mismatch=allow_base_mismatch, force=force,
+                                  log=lambda m: console.print(m, highlight=False))
+    _print_combine(result, out, "adapter")
+    verdict = "improved" if fit.improved else "did not improve: the start weights were kept"
+    console.print(f"learned weights {verdict}: held-out loss {fit.heldout_start:.4f} -> {fit.heldout_best:.4f} "
+                  f"(best at step {fit.best_step} of {fit.steps_run}, {fit.seconds:.0f} s)", highlight=False)
 
 
 @app.command("subtract")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorablocks.compose.recipe import Block, Composition, compose, make_recipe
+from lorablocks.compose.recipe import Block, Composition, Recipe, compose, make_recipe
 from lorablocks.core import algebra
 from lorablocks.core.overlap import adapter_stats, overlap_matrices
 from lorablocks.errors import BaseModelMismatchError, CompositionError, LoraBlocksError, ShapeMismatchError
@@ -27,6 +27,7 @@ __all__ = [
     "blocks_of",
     "CombineRequest",
     "combine_files",
+    "write_composition",
     "similarity_report",
     "inspect_report",
     "natural_key",
@@ -94,16 +95,25 @@ def combine_files(paths: Sequence[str | os.PathLike], out: str | os.PathLike, re
     files = open_blocks(paths, allow_base_mismatch=request.allow_base_mismatch)
     recipe = make_recipe(blocks_of(files, request.weights), method=request.method, params=request.params,
                          rank=request.rank, rtol=request.rtol)
+    return write_composition(recipe, files, out, merge_into=merge_into, force=force)
+
+
+def write_composition(recipe: Recipe, files: Sequence[AdapterFile], out: str | os.PathLike, *,
+                      extra_record: Mapping[str, Any] | None = None, merge_into: str | os.PathLike | None = None,
+                      force: bool = False) -> Composition:
+    """Compose ``recipe`` from opened ``files`` and write it as an adapter (streamed, one module at a time)
+    or merged into a model folder; the record is the recipe, the truncation report and ``extra_record``."""
     if merge_into is not None:
         from lorablocks.model.merge import write_merged_model
 
         result = compose(recipe, files)
-        write_merged_model(merge_into, result.delta, out, {"kind": "merged-model", **result.record()}, force=force)
+        write_merged_model(merge_into, result.delta, out,
+                           {"kind": "merged-model", **result.record(), **(extra_record or {})}, force=force)
         return result
     with AdapterWriter(out, base_model=files[0].base_model, fan_in_fan_out=files[0].fan_in_fan_out,
                        task_type=files[0].config.get("task_type", "CAUSAL_LM"), force=force) as writer:
         result = compose(recipe, files, sink=writer.add)
-        writer.record = {"kind": "adapter", **result.record()}
+        writer.record = {"kind": "adapter", **result.record(), **(extra_record or {})}
     return result
 
 

@@ -164,13 +164,15 @@ def compose(recipe: Recipe, sources: Sequence[DeltaSource | Mapping[str, LowRank
     names = list(dict.fromkeys(n for s in srcs for n in s.modules))
     result = Composition(recipe=recipe, report=CompressionReport(mode=str(recipe.rank)))
     for name in names:
-        parts = [(b.weight, s.factors(name)) for b, s in zip(recipe.blocks, srcs) if name in s.modules]
-        algebra.check_compatible([{name: x} for _, x in parts], [b.name for b in recipe.blocks])
-        parts = [(w, x) for w, x in parts if w != 0.0]
+        index = [i for i, s in enumerate(srcs) if name in s.modules]
+        parts = [(recipe.blocks[i].weight, srcs[i].factors(name)) for i in index]
+        algebra.check_compatible([{name: x} for _, x in parts], [recipe.blocks[i].name for i in index])
+        if not method.uses_zero_weights:
+            index, parts = [i for i, p in zip(index, parts) if p[0] != 0.0], [p for p in parts if p[0] != 0.0]
         _check_scaled_finite(name, parts)
         if not parts:
             continue
-        ctx = ModuleContext(name=name, rank=recipe.rank, rtol=recipe.rtol)
+        ctx = ModuleContext(name=name, rank=recipe.rank, rtol=recipe.rtol, blocks=tuple(index))
         try:
             out = method.combine(parts, params, ctx)
         except (RuntimeError, ArithmeticError) as exc:  # torch.linalg.LinAlgError is a RuntimeError

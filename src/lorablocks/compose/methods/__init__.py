@@ -43,6 +43,8 @@ class ModuleContext:
     rank: str | int = "minimal"
     #: ``minimal``: singular values below ``rtol * s_max`` are dropped
     rtol: float = 1e-6
+    #: for each part handed to ``combine``: the index of its block in the recipe
+    blocks: tuple[int, ...] = ()
 
     def compress(self, x: LowRank | None) -> ModuleResult:
         """Re-factor ``x`` at the recipe's rank mode, with the truncation report."""
@@ -85,6 +87,8 @@ class Method:
     combine: Combine
     #: whether the result is exactly ``sum_i w_i dW_i`` (up to the rank mode)
     linear: bool = False
+    #: whether blocks of weight 0 still reach ``combine`` (a method whose own parameters set the weights)
+    uses_zero_weights: bool = False
 
 
 _REGISTRY: dict[str, Method] = {}
