@@ -20,7 +20,6 @@ setting redoes only what depends on it.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -28,178 +27,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from typing import Any
 
 from lorablocks.core import algebra
-from lorablocks.errors import ConfigError, LoraBlocksError
+from lorablocks.errors import LoraBlocksError
 from lorablocks.files.outputs import versions, write_json
-from lorablocks.training.train import TrainConfig
+from lorablocks.study.config import StudyConfig, load_config, plan_subsets  # noqa: F401  (load_config: imported from here before)
 
-__all__ = [
-    "LoraSettings",
-    "TrainSettings",
-    "EvalSettings",
-    "StudyConfig",
-    "PRESETS",
-    "load_config",
-    "plan_subsets",
-    "run_study",
-    "StudyResult",
-]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-_T = TrainConfig()  # the training defaults (chosen on validation loss) are the study's defaults too
-
-
-class LoraSettings(_Strict):
-    """LoRA of every adapter in the study (the paper: rank 4, alpha 64)."""
-
-    r: int = Field(_T.r, ge=1, description="LoRA rank.")
-    alpha: float = Field(_T.alpha, gt=0, description="LoRA alpha; the scale is alpha / r.")
-    dropout: float = Field(_T.dropout, ge=0, lt=1, description="LoRA dropout during training.")
-    targets: list[str] | None = Field(None, description="Target modules; default: the model family's preset.")
-
-
-class TrainSettings(_Strict):
-    """Training of each block; a merged-data adapter gets ``steps_per_domain`` per domain of its subset."""
-
-    steps_per_domain: int = Field(_T.max_steps, ge=1, description="Optimizer steps per domain.")
-    learning_rate: float = Field(_T.learning_rate, gt=0, description="Peak learning rate (AdamW).")
-    warmup_steps: int = Field(_T.warmup_steps, ge=0, description="Linear warm-up steps (at most half the run).")
-    batch_size: int = Field(_T.batch_size, ge=1, description="Examples per optimizer step.")
-    max_length: int = Field(_T.max_length, ge=16, description="Tokens per example; longer examples are truncated (counted).")
-    train_limit: int | None = Field(None, ge=1, description="Use only the first N training examples per domain.")
-    val_limit: int = Field(50, ge=0, description="Validation examples per domain for the start/end validation loss.")
-    checkpoint_every: int = Field(_T.checkpoint_every, ge=0, description="Checkpoint every N steps (resume mid-block).")
-
-
-class EvalSettings(_Strict):
-    """Held-out evaluation."""
-
-    split: Literal["test", "validation"] = Field("test", description="Split to evaluate on.")
-    limit: int | None = Field(200, ge=1, description="Examples per domain (first N, deterministic); null: all.")
-    max_length: int = Field(512, ge=16, description="Tokens per example; longer ones are truncated (counted).")
-
-
-SubsetSpec = Union[Literal["pairs_and_all", "pairs", "all", "none"], list[list[str]]]
-
-
-class StudyConfig(_Strict):
-    """Everything the study depends on. YAML is only a serialisation of this."""
-
-    model: str = Field("smollm2-135m", description="Base model: built-in name, local folder or hub id.")
-    domains: list[str] = Field(["math", "medicine", "finance"], description="Domain folders (names under --data, or paths).")
-    lora: LoraSettings = Field(default_factory=LoraSettings)
-    train: TrainSettings = Field(default_factory=TrainSettings)
-    eval: EvalSettings = Field(default_factory=EvalSettings)
-    merged_subsets: SubsetSpec = Field("pairs_and_all", description="Subsets that get a merged-data adapter.")
-    max_sum_size: int | None = Field(None, ge=2, description="Largest sum evaluated (default: all domains).")
-    seeds: list[int] = Field([0], min_length=1, description="Training seeds; results report mean and spread.")
-
-    @field_validator("domains")
-    @classmethod
-    def _domains(cls, v: list[str]) -> list[str]:
-        if len(v) < 2:
-            raise ValueError("the study needs at least two domains")
-        if len(set(v)) != len(v):
-            raise ValueError("domains must be distinct")
-        return v
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # The whole pipeline in minutes, for checking (numbers are not meaningful).
-    "smoke": {
-        "domains": ["math", "medicine", "finance"],
-        "train": {"steps_per_domain": 3, "batch_size": 4, "max_length": 96, "train_limit": 64, "val_limit": 4},
-        "eval": {"limit": 8, "max_length": 128},
-        "seeds": [0],
-    },
-    # The README's main command: numbers worth reading in under 20 minutes on 2 CPU cores.
-    "quick": {
-        "domains": ["math", "medicine", "finance"],
-        "train": {"steps_per_domain": 8, "batch_size": 8, "max_length": 128, "val_limit": 8},
-        "eval": {"limit": 20, "max_length": 192},
-        "seeds": [0],
-    },
-    # The full run: the paper's three seeds, longer training, larger held-out sets.
-    "paper": {
-        "domains": ["math", "medicine", "finance"],
-        "train": {"steps_per_domain": 300, "batch_size": 8, "max_length": 256},
-        "eval": {"limit": 500, "max_length": 512},
-        "seeds": [0, 1, 2],
-    },
-}
-
-
-def _deep_update(base: dict, new: dict) -> dict:
-    out = dict(base)
-    for k, v in new.items():
-        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def load_config(path: str | os.PathLike | None = None, preset: str | None = None,
-                overrides: dict[str, Any] | None = None) -> StudyConfig:
-    """Preset, then YAML file, then overrides; every problem is reported at once as a :class:`ConfigError`."""
-    import yaml
-
-    raw: dict[str, Any] = {}
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        raw = _deep_update(raw, PRESETS[preset])
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}")
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping of settings")
-        raw = _deep_update(raw, loaded)
-    raw = _deep_update(raw, overrides or {})
-    try:
-        cfg = StudyConfig.model_validate(raw)
-    except ValidationError as exc:
-        problems = [f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors()]
-        raise ConfigError(f"{len(problems)} problem(s) in the study config: " + "; ".join(problems))
-    problems = []
-    if isinstance(cfg.merged_subsets, list):
-        for s in cfg.merged_subsets:
-            unknown = [d for d in s if d not in cfg.domains]
-            if unknown:
-                problems.append(f"merged_subsets: {unknown} not among domains {cfg.domains}")
-            if len(s) < 2:
-                problems.append(f"merged_subsets: {s} has fewer than two domains")
-    if problems:
-        raise ConfigError(f"{len(problems)} problem(s) in the study config: " + "; ".join(problems))
-    return cfg
-
-
-def plan_subsets(domains: Sequence[str], max_size: int | None, merged: SubsetSpec) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]]:
-    """All subsets of size 2..max_size (the sums), and the subsets that get a merged-data adapter."""
-    n = len(domains)
-    top = n if max_size is None else min(max_size, n)
-    sums = [s for k in range(2, top + 1) for s in itertools.combinations(domains, k)]
-    if merged == "pairs_and_all":
-        merged_sets = [s for s in sums if len(s) == 2] + ([tuple(domains)] if n > 2 else [])
-    elif merged == "pairs":
-        merged_sets = [s for s in sums if len(s) == 2]
-    elif merged == "all":
-        merged_sets = [tuple(domains)]
-    elif merged == "none":
-        merged_sets = []
-    else:
-        merged_sets = [tuple(d for d in domains if d in s) for s in merged]
-    return sums, merged_sets
+__all__ = ["run_study", "StudyResult"]
 
 
 # ----------------------------------------------------------------------------------------------- caching
@@ -401,25 +236,18 @@ def _train_block(config: StudyConfig, domains: list, seed: int, out: Path, cache
     from lorablocks.training.train import TrainConfig, train_adapter
 
     ckpt = out.parent / f".ckpt-{out.name}"
+    steps = config.train.steps_per_domain * len(domains)
     tc = TrainConfig(
+        **config.lora.model_dump(),
+        **config.train.model_dump(exclude={"steps_per_domain", "warmup_steps"}),
+        warmup_steps=min(config.train.warmup_steps, steps // 2),
+        max_steps=steps,
+        seed=seed,
+        eval_every=0,  # validation loss at the start and end of each block only
         model=config.model,
         data=[d.source for d in domains],
         out=str(out),
-        r=config.lora.r,
-        alpha=config.lora.alpha,
-        dropout=config.lora.dropout,
-        targets=config.lora.targets,
-        max_steps=config.train.steps_per_domain * len(domains),
-        learning_rate=config.train.learning_rate,
-        warmup_steps=min(config.train.warmup_steps, config.train.steps_per_domain * len(domains) // 2),
-        batch_size=config.train.batch_size,
-        max_length=config.train.max_length,
-        train_limit=config.train.train_limit,
-        val_limit=config.train.val_limit,
-        eval_every=0,
-        seed=seed,
         checkpoint_dir=str(ckpt),
-        checkpoint_every=config.train.checkpoint_every,
         resume=ckpt.is_dir() and any(ckpt.iterdir()),
         force=True,
         cache_dir=str(cache_dir) if cache_dir else None,

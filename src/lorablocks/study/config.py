@@ -1,0 +1,150 @@
+"""The study's config: sections, presets, loading (preset, then YAML file, then overrides), subsets.
+
+The ``lora`` section *is* the training's :class:`~lorablocks.training.config.LoraSettings`, and the
+``train`` section is its :class:`~lorablocks.training.config.OptimSettings` (same fields, bounds, defaults
+and help) with ``steps_per_domain`` in place of a step count; each block's
+:class:`~lorablocks.training.config.TrainConfig` is built from the two.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Sequence
+from typing import Any, Literal, Optional, Union
+
+from pydantic import Field, ValidationError, field_validator
+
+from lorablocks.errors import ConfigError
+from lorablocks.training.config import LoraSettings, OptimSettings, Settings, TrainConfig, describe_errors, read_mapping
+
+__all__ = [
+    "LoraSettings",
+    "TrainSettings",
+    "EvalSettings",
+    "StudyConfig",
+    "SubsetSpec",
+    "PRESETS",
+    "load_config",
+    "plan_subsets",
+]
+
+
+class TrainSettings(OptimSettings):
+    """Training of each block: the training recipe, and ``steps_per_domain`` optimizer steps per domain
+    (a merged-data adapter of k domains gets k times as many; its warm-up is capped at half its steps)."""
+
+    steps_per_domain: int = Field(TrainConfig.model_fields["max_steps"].default, ge=1,
+                                  description="Optimizer steps per domain of a block.")
+
+
+class EvalSettings(Settings):
+    """Held-out evaluation."""
+
+    split: Literal["test", "validation"] = Field("test", description="Split to evaluate on.")
+    limit: Optional[int] = Field(200, ge=1, description="Examples per domain (first N, deterministic); null: all.")
+    max_length: int = Field(512, ge=16, description="Tokens per example; longer ones are truncated (counted).")
+
+
+SubsetSpec = Union[Literal["pairs_and_all", "pairs", "all", "none"], list[list[str]]]
+
+
+class StudyConfig(Settings):
+    """Everything the study depends on. YAML is only a serialisation of this."""
+
+    model: str = Field(TrainConfig.model_fields["model"].default, description=TrainConfig.model_fields["model"].description)
+    domains: list[str] = Field(["math", "medicine", "finance"], description="Domain folders (names under the data folder, or paths).")
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    merged_subsets: SubsetSpec = Field("pairs_and_all", description="Subsets that get a merged-data adapter.")
+    max_sum_size: Optional[int] = Field(None, ge=2, description="Largest sum evaluated (default: all domains).")
+    seeds: list[int] = Field([0], min_length=1, description="Training seeds; results report mean and spread.")
+
+    @field_validator("domains")
+    @classmethod
+    def _domains(cls, v: list[str]) -> list[str]:
+        if len(v) < 2:
+            raise ValueError("must hold at least two domains (the study combines them)")
+        if len(set(v)) != len(v):
+            raise ValueError("must be distinct")
+        return v
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The whole pipeline in minutes, for checking (numbers are not meaningful).
+    "smoke": {
+        "domains": ["math", "medicine", "finance"],
+        "train": {"steps_per_domain": 3, "batch_size": 4, "max_length": 96, "train_limit": 64, "val_limit": 4},
+        "eval": {"limit": 8, "max_length": 128},
+        "seeds": [0],
+    },
+    # The README's main command: numbers worth reading in under 20 minutes on 2 CPU cores.
+    "quick": {
+        "domains": ["math", "medicine", "finance"],
+        "train": {"steps_per_domain": 8, "batch_size": 8, "max_length": 128, "val_limit": 8},
+        "eval": {"limit": 20, "max_length": 192},
+        "seeds": [0],
+    },
+    # The full run: the paper's three seeds, longer training, larger held-out sets.
+    "paper": {
+        "domains": ["math", "medicine", "finance"],
+        "train": {"steps_per_domain": 300, "batch_size": 8, "max_length": 256},
+        "eval": {"limit": 500, "max_length": 512},
+        "seeds": [0, 1, 2],
+    },
+}
+
+
+def _deep_update(base: dict, new: dict) -> dict:
+    out = dict(base)
+    for k, v in new.items():
+        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, preset: str | None = None,
+                overrides: dict[str, Any] | None = None) -> StudyConfig:
+    """Preset, then YAML file, then overrides; every problem is reported at once as a :class:`ConfigError`."""
+    raw: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        raw = _deep_update(raw, PRESETS[preset])
+    if path is not None:
+        raw = _deep_update(raw, read_mapping(path))
+    raw = _deep_update(raw, overrides or {})
+    try:
+        cfg = StudyConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = describe_errors(exc)
+        raise ConfigError(f"{len(problems)} problem(s) in the study config: " + "; ".join(problems)) from None
+    problems = []
+    if isinstance(cfg.merged_subsets, list):
+        for s in cfg.merged_subsets:
+            unknown = [d for d in s if d not in cfg.domains]
+            if unknown:
+                problems.append(f"merged_subsets: {unknown} not among domains {cfg.domains}")
+            if len(s) < 2:
+                problems.append(f"merged_subsets: {s} has fewer than two domains")
+    if problems:
+        raise ConfigError(f"{len(problems)} problem(s) in the study config: " + "; ".join(problems))
+    return cfg
+
+
+def plan_subsets(domains: Sequence[str], max_size: int | None, merged: SubsetSpec) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]]:
+    """All subsets of size 2..max_size (the sums), and the subsets that get a merged-data adapter."""
+    n = len(domains)
+    top = n if max_size is None else min(max_size, n)
+    sums = [s for k in range(2, top + 1) for s in itertools.combinations(domains, k)]
+    if merged == "pairs_and_all":
+        merged_sets = [s for s in sums if len(s) == 2] + ([tuple(domains)] if n > 2 else [])
+    elif merged == "pairs":
+        merged_sets = [s for s in sums if len(s) == 2]
+    elif merged == "all":
+        merged_sets = [tuple(domains)]
+    elif merged == "none":
+        merged_sets = []
+    else:
+        merged_sets = [tuple(d for d in domains if d in s) for s in merged]
+    return sums, merged_sets

@@ -1,0 +1,68 @@
+"""The study's config reuses the training declarations: its ``lora`` section is LoraSettings, its ``train``
+section OptimSettings plus ``steps_per_domain``; each block's TrainConfig is built from them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from lorablocks.errors import ConfigError
+from lorablocks.study import pipeline
+from lorablocks.study.config import PRESETS, StudyConfig, TrainSettings, load_config
+from lorablocks.training.config import LoraSettings, OptimSettings, TrainConfig
+
+
+def test_sections_are_the_training_declarations():
+    assert StudyConfig.model_fields["lora"].annotation is LoraSettings
+    train = TrainSettings.model_fields
+    assert set(train) == set(OptimSettings.model_fields) | {"steps_per_domain"}
+    for name, info in OptimSettings.model_fields.items():  # same default, bounds and help
+        assert (train[name].default, train[name].metadata, train[name].description) == (
+            info.default, info.metadata, info.description), name
+    assert train["steps_per_domain"].default == TrainConfig.model_fields["max_steps"].default
+
+
+def test_existing_keys_presets_and_one_default_each():
+    cfg = load_config(preset="quick")
+    assert (cfg.train.steps_per_domain, cfg.train.batch_size, cfg.train.max_length, cfg.train.val_limit) == (8, 8, 128, 8)
+    assert load_config(preset="smoke").train.train_limit == 64
+    for preset in PRESETS:
+        load_config(preset=preset)
+    # defaults are the training defaults: one declaration, one value
+    assert StudyConfig().train.val_limit == TrainConfig().val_limit == 100
+    assert StudyConfig().train.learning_rate == TrainConfig().learning_rate
+
+
+def test_errors_name_the_setting_with_its_section(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"domains": ["math", "math"], "lora": {"r": 0},
+                                   "train": {"max_length": 8, "weight_decay": -1, "max_steps": 3}}))
+    with pytest.raises(ConfigError) as exc:
+        load_config(bad)
+    msg = str(exc.value)
+    assert msg.startswith("5 problem(s) in the study config: ")
+    for part in ("domains must be distinct", "lora.r must be >= 1, got 0", "train.max_length must be >= 16, got 8",
+                 "train.weight_decay must be >= 0", "unknown setting 'train.max_steps'"):
+        assert part in msg, part
+
+
+def test_train_block_builds_the_training_config(tmp_path, monkeypatch):
+    import lorablocks.training.train as train_mod
+
+    seen: list[TrainConfig] = []
+    monkeypatch.setattr(train_mod, "train_adapter", lambda tc, **kw: seen.append(tc))
+    cfg = load_config(overrides={"lora": {"r": 8, "targets": ["q_proj"]},
+                                 "train": {"steps_per_domain": 6, "warmup_steps": 10, "weight_decay": 0.1}})
+    domains = [SimpleNamespace(source="/d/math"), SimpleNamespace(source="/d/words")]
+    pipeline._train_block(cfg, domains, 3, tmp_path / "block", None, model=None, tokenizer=None)
+    (tc,) = seen
+    assert tc.r == 8 and tc.targets == ["q_proj"] and tc.weight_decay == 0.1 and tc.seed == 3
+    assert tc.max_steps == 12 and tc.warmup_steps == 6  # warm-up capped at half the block's steps
+    assert tc.eval_every == 0 and tc.data == ["/d/math", "/d/words"] and tc.force and not tc.resume
+    assert Path(tc.checkpoint_dir) == tmp_path / ".ckpt-block"
+    for name in OptimSettings.model_fields:
+        if name != "warmup_steps":
+            assert getattr(tc, name) == getattr(cfg.train, name), name
