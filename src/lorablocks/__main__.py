@@ -1,3 +1,6 @@
+"""``python -m lorablocks``: the command line (Ctrl-C at any moment exits 130 without a traceback)."""
+
 from lorablocks.cli import main
 
-main()
+if __name__ == "__main__":
+    main()

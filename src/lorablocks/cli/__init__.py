@@ -1,15 +1,58 @@
-"""Command-line interface: ``lorablocks VERB ...``. Importing the verb modules registers them."""
+"""Command-line interface: ``lorablocks VERB ...``.
+
+Importing this package imports nothing heavy: the Typer app and the verb modules (which register their
+commands on it, and import torch) are loaded by :func:`run_app`/:func:`main`, inside the interrupt
+protection, so Ctrl-C at any moment, even during imports, exits 130 with one line and no traceback.
+``lorablocks.cli.app`` is the Typer application once loaded.
+"""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
+from types import ModuleType
+from typing import Any
 
-from lorablocks.cli.app import app, main, run_app
+__all__ = ["app", "main", "run_app", "INTERRUPTED"]
 
-# Each verb module registers its commands on ``app`` when imported.
-for _name in ("adapters", "training", "study", "serving"):
-    if importlib.util.find_spec(f"lorablocks.cli.{_name}") is not None:
-        importlib.import_module(f"lorablocks.cli.{_name}")
+#: The one line an interrupted command prints (exit code 130).
+INTERRUPTED = "interrupted (outputs are written atomically: nothing half-written is left)"
 
-__all__ = ["app", "main", "run_app"]
+_VERBS = ("adapters", "training", "study")
+
+
+def _load() -> ModuleType:
+    """Import the app module and every verb module (each registers its commands); return the app module."""
+    module = importlib.import_module("lorablocks.cli.app")
+    for name in _VERBS:
+        if importlib.util.find_spec(f"lorablocks.cli.{name}") is not None:
+            importlib.import_module(f"lorablocks.cli.{name}")
+    globals()["app"] = module.app  # the package attribute is the Typer app, not the submodule
+    return module
+
+
+def run_app(argv: list[str] | None = None) -> int:
+    """Run the CLI in this process and return its exit code (see :mod:`lorablocks.cli.app`)."""
+    try:
+        module = _load()
+    except KeyboardInterrupt:
+        sys.stderr.write(INTERRUPTED + "\n")
+        return 130
+    return module.run_app(argv)
+
+
+def main() -> None:
+    """Console entry point: exit with :func:`run_app`'s code; Ctrl-C at any moment exits 130 quietly."""
+    try:
+        code = run_app(sys.argv[1:])
+    except KeyboardInterrupt:  # between the boundary's own handlers
+        sys.stderr.write(INTERRUPTED + "\n")
+        code = 130
+    sys.exit(code)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":
+        return _load().app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,6 +2,10 @@
 
 Each verb lives in a small module of this package (``adapters``, ``training``, ``study``) that registers
 itself on :data:`app`; a verb parses its arguments, calls one library function and prints.
+
+Exit codes: 0 success; 2 the input or the environment was refused (a library error, an existing output, a
+usage error, a disk or permission problem), with one line; 1 an internal error (a bug: one line asking for a
+report; ``LORABLOCKS_DEBUG=1`` shows the traceback); 130 interrupted (Ctrl-C), with one line.
 """
 
 from __future__ import annotations
@@ -12,8 +16,13 @@ import warnings
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from lorablocks.errors import LoraBlocksError
+from lorablocks.cli import INTERRUPTED
+from lorablocks.errors import LoraBlocksError, OutputExistsError
+from lorablocks.files.outputs import OutputRefusedError, one_line
+
+__all__ = ["app", "console", "run_app", "main", "one_line", "print_error", "quiet_libraries"]
 
 app = typer.Typer(
     name="lorablocks",
@@ -26,11 +35,7 @@ app = typer.Typer(
 #: Progress and tables go to stderr so that stdout stays machine-readable where a verb prints JSON.
 console = Console(stderr=True)
 
-
-def fail(message: str, code: int = 2) -> None:
-    """Print one clear line and exit non-zero."""
-    console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
+EXIT_INTERNAL, EXIT_REFUSED, EXIT_INTERRUPTED = 1, 2, 130
 
 
 def quiet_libraries() -> None:
@@ -42,32 +47,63 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*(remote file|config file in).*", category=UserWarning)
 
 
+def print_error(message: str) -> None:
+    """``error: MESSAGE`` on stderr, on one line (never wrapped, never read as markup)."""
+    console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def user_message(exc: LoraBlocksError) -> str:
+    """A library error's line, with the command-line hint the library does not know about."""
+    message = one_line(exc)
+    if isinstance(exc, OutputExistsError) and not isinstance(exc, OutputRefusedError) and "--force" not in message:
+        message += " (--force replaces it)"
+    return message
+
+
 def run_app(argv: list[str] | None = None) -> int:
-    """Run the CLI; library errors become one line and exit code 2, never a traceback."""
+    """Run the CLI and return its exit code (see the module docstring); never a traceback."""
     quiet_libraries()
     try:
-        app(args=argv, standalone_mode=False)
+        result = app(args=argv, standalone_mode=False)
     except LoraBlocksError as exc:
-        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
-        return 2
-    except typer.Exit as exc:
-        return exc.exit_code
+        print_error(user_message(exc))
+        return EXIT_REFUSED
     except KeyboardInterrupt:
-        console.print("[bold red]interrupted[/bold red] (outputs are written atomically; nothing half-written)")
-        return 130
-    except Exception as exc:  # usage errors: Typer vendors its own click (typer._click) since 0.29
-        if _is_click(exc, "ClickException"):
-            exc.show()
-            return getattr(exc, "exit_code", 2)
-        if _is_click(exc, "Exit"):
-            return exc.exit_code
-        if _is_click(exc, "Abort"):
-            return 1
-        if isinstance(exc, (MemoryError, OSError)):
-            console.print(f"[bold red]error:[/bold red] {type(exc).__name__}: {exc}")
-            return 2
-        raise
-    return 0
+        return interrupted()
+    except Exception as exc:  # usage errors and the unexpected
+        return _other_error(exc)
+    # With standalone_mode=False click returns the code of an Exit, and turns Ctrl-C into Exit(130).
+    code = result if isinstance(result, int) and not isinstance(result, bool) else 0
+    return interrupted() if code == EXIT_INTERRUPTED else code
+
+
+def interrupted() -> int:
+    """Say that the run was interrupted, in one line; the exit code 130."""
+    console.print(f"[bold red]{INTERRUPTED}[/bold red]", highlight=False, soft_wrap=True)
+    return EXIT_INTERRUPTED
+
+
+def _other_error(exc: Exception) -> int:
+    """Click's usage errors as click shows them; OS and memory problems in one line; anything else is a
+    bug: one line asking for a report (``LORABLOCKS_DEBUG=1`` re-raises it to show the traceback)."""
+    if _is_click(exc, "ClickException"):
+        exc.show()  # type: ignore[attr-defined]
+        return getattr(exc, "exit_code", EXIT_REFUSED)
+    if _is_click(exc, "Exit"):
+        return exc.exit_code  # type: ignore[attr-defined]
+    if _is_click(exc, "Abort"):  # end of input at a prompt
+        print_error("aborted")
+        return EXIT_INTERNAL
+    if isinstance(exc, MemoryError):
+        print_error("out of memory")
+        return EXIT_REFUSED
+    if isinstance(exc, OSError) and exc.strerror:
+        print_error(f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror)
+        return EXIT_REFUSED
+    if os.environ.get("LORABLOCKS_DEBUG"):
+        raise exc
+    print_error(f"internal error: {type(exc).__name__}: {one_line(exc)} (please report)")
+    return EXIT_INTERNAL
 
 
 def _is_click(exc: BaseException, name: str) -> bool:
@@ -80,4 +116,5 @@ def _is_click(exc: BaseException, name: str) -> bool:
 
 
 def main() -> None:
+    """Console entry point (the verbs are registered by :func:`lorablocks.cli.main`, which calls this)."""
     sys.exit(run_app(sys.argv[1:]))

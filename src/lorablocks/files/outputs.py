@@ -194,7 +194,13 @@ def check_replaceable(path: str | os.PathLike, kind: str | None = None, inputs: 
     """
     reason = _refusal(Path(path), kind, list(inputs))
     if reason is not None:
-        raise OutputRefusedError(f"{path} {reason}; lorablocks replaces only its own previous outputs", path)
+        raise _refused(Path(path), reason, force=True)
+
+
+def _refused(path: Path, reason: str, force: bool) -> OutputRefusedError:
+    if force:
+        return OutputRefusedError(f"{path} {reason}; lorablocks replaces only its own previous outputs", path)
+    return OutputRefusedError(f"{path} exists and {reason}; choose another output path", path)
 
 
 def check_output_free(path: str | os.PathLike, force: bool = False, *, kind: str | None = None,
@@ -202,7 +208,9 @@ def check_output_free(path: str | os.PathLike, force: bool = False, *, kind: str
     """Refuse an existing output path (:class:`OutputExistsError`) unless ``force`` and
     :func:`check_replaceable` allows it; return it as a Path. Creates nothing."""
     path = Path(path)
-    check_replaceable(path, kind, inputs)
+    reason = _refusal(path, kind, list(inputs))
+    if reason is not None:
+        raise _refused(path, reason, force)
     if not force and os.path.lexists(path):
         raise _exists(path)
     return path
@@ -304,7 +312,7 @@ def _finish(tmp: Path, final: Path, force: bool, kind: str | None, inputs: list,
         if force:
             reason = _refusal(final, kind, inputs, strict)
             if reason is not None:
-                raise OutputRefusedError(f"{final} {reason}; lorablocks replaces only its own previous outputs", final)
+                raise _refused(final, reason, force)
             _swap_in(tmp, final)
         else:
             _place(tmp, final)
@@ -384,7 +392,7 @@ def _start(final: Path, force: bool, kind: str | None, inputs: list, strict: boo
     """Refuse early what the final move would refuse; make the parent folders; sweep leftovers."""
     reason = _refusal(final, kind, inputs, strict)
     if reason is not None:
-        raise OutputRefusedError(f"{final} {reason}; lorablocks replaces only its own previous outputs", final)
+        raise _refused(final, reason, force)
     if not force and os.path.lexists(final):
         raise _exists(final)
     try:
