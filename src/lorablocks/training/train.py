@@ -41,6 +41,9 @@ import torch
 from lorablocks.errors import ConfigError
 from lorablocks.files.outputs import atomic_dir, check_output_free, utc_now, versions
 from lorablocks.model.models import default_targets, load_model, model_id
+from lorablocks.training.checkpoint import latest_checkpoint
+from lorablocks.training.checkpoint import load_checkpoint as _load_checkpoint
+from lorablocks.training.checkpoint import save_checkpoint as _save_checkpoint  # a module global: tests interrupt it
 from lorablocks.training.config import RUN_ONLY, TrainConfig, load_config
 from lorablocks.training.data import (
     Domain, Example, TokenizedExample, TokenizedSet, bucket_by_tokens, bucket_window, collate, resolve_domains,
@@ -223,124 +226,6 @@ class _Progress:
             self.bar.stop()
 
 
-# ----------------------------------------------------------------------------------------- checkpoint
-# step-NNNNNNN/: lora.safetensors (trained tensors), optimizer.safetensors (optimizer state tensors, named
-# "<param index>.<key>"), state.json (TrainState, param groups, scheduler), rng-<process>.safetensors (torch
-# RNG states; the Python RNG state as JSON metadata). A folder without state.json is not a checkpoint:
-# pickled files (state.pt of older versions, or planted ones) are never read.
-
-
-def _latest_checkpoint(folder: Path) -> tuple[Path | None, list[Path]]:
-    """The latest complete checkpoint in ``folder`` (or None), and the ``step-*`` folders that are not one."""
-    if not folder.is_dir():
-        return None, []
-    steps = sorted((p for p in folder.glob("step-*") if p.is_dir()), key=lambda p: p.name)
-    good = [p for p in steps if (p / "state.json").is_file()]
-    return (good[-1] if good else None), [p for p in steps if p not in good]
-
-
-def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _save_rng(path: Path) -> None:
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors["cuda"] = torch.cuda.get_rng_state()
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(path), metadata={"python": json.dumps(random.getstate())})
-
-
-def _load_rng(path: Path) -> None:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        torch.set_rng_state(f.get_tensor("torch"))
-        if "cuda" in f.keys() and torch.cuda.is_available():
-            torch.cuda.set_rng_state(f.get_tensor("cuda"))
-        version, internal, gauss = json.loads(f.metadata()["python"])
-    random.setstate((version, tuple(internal), gauss))
-
-
-def _split_optimizer_state(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``optimizer.state_dict()`` as named tensors plus a JSON-able rest (param groups, scalar state)."""
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for pid, entries in sd["state"].items():
-        for key, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(pid), {})[key] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
-    """The inverse of :func:`_split_optimizer_state`."""
-    state: dict[int, dict[str, Any]] = {}
-    for name, t in tensors.items():
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = t
-    for pid, entries in rest["scalars"].items():
-        state.setdefault(int(pid), {}).update(entries)
-    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
-              for g in rest["param_groups"]]  # JSON made the tuples (betas) lists
-    return {"state": state, "param_groups": groups}
-
-
-def _save_checkpoint(folder: Path, step: int, lora: LoraRun, state: TrainState) -> None:
-    """Write ``folder/step-NNNNNNN`` atomically (each process its RNG state) and drop older checkpoints."""
-    from safetensors.torch import save_file
-
-    acc = lora.accelerator
-    target = folder / f"step-{step:07d}"
-    if acc.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
-    acc.wait_for_everyone()
-    _save_rng(folder / f".rng-{step:07d}-{acc.process_index}.safetensors")
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        tensors, optimizer_rest = _split_optimizer_state(lora.optimizer.state_dict())
-        payload = {"state": dataclasses.asdict(state), "optimizer": optimizer_rest, "scheduler": lora.scheduler.state_dict()}
-        with atomic_dir(target, force=True) as tmp:
-            save_file({n: p.detach().cpu().contiguous() for n, p in _trainable(lora.peft_model).items()},
-                      str(tmp / "lora.safetensors"))
-            save_file(tensors, str(tmp / "optimizer.safetensors"))
-            (tmp / "state.json").write_text(json.dumps(payload) + "\n")
-            for r in range(acc.num_processes):
-                shutil.move(str(folder / f".rng-{step:07d}-{r}.safetensors"), tmp / f"rng-{r}.safetensors")
-        for old in folder.glob("step-*"):
-            if old != target and old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-    acc.wait_for_everyone()
-
-
-def _load_checkpoint(path: Path, lora: LoraRun) -> TrainState:
-    """Restore weights, optimizer, scheduler and this process's RNG from ``path``; return its state."""
-    from safetensors.torch import load_file
-
-    rng_file = path / f"rng-{lora.accelerator.process_index}.safetensors"
-    if not rng_file.is_file():
-        raise ConfigError(f"checkpoint {path} was written by fewer processes; resume with the same process count")
-    try:
-        tensors = load_file(str(path / "lora.safetensors"))
-        payload = json.loads((path / "state.json").read_text())
-        optimizer = _join_optimizer_state(load_file(str(path / "optimizer.safetensors")), payload["optimizer"])
-    except (OSError, ValueError, KeyError) as exc:  # safetensors and JSON errors are ValueErrors or OSErrors
-        raise ConfigError(f"checkpoint {path} is unreadable ({type(exc).__name__}); delete it to start afresh") from None
-    params = _trainable(lora.peft_model)
-    if set(tensors) != set(params):
-        raise ConfigError(f"checkpoint {path} does not match this model/LoRA config (different trained tensors)")
-    with torch.no_grad():
-        for n, t in tensors.items():
-            params[n].copy_(t)
-    lora.optimizer.load_state_dict(optimizer)
-    lora.scheduler.load_state_dict(payload["scheduler"])
-    _load_rng(rng_file)
-    return TrainState(**payload["state"])
-
-
 # ---------------------------------------------------------------------------------------------- steps
 
 
@@ -402,7 +287,7 @@ def _resume(config: TrainConfig, lora: LoraRun, checkpoint: Path | None) -> Trai
     now = config.model_dump()
     if checkpoint is None:
         return TrainState(config=now)
-    state = _load_checkpoint(checkpoint, lora)
+    state = TrainState(**_load_checkpoint(checkpoint, lora.peft_model, lora.optimizer, lora.scheduler, lora.accelerator))
     diffs = [k for k in state.config if k not in RUN_ONLY and state.config[k] != now.get(k)]
     if diffs:
         raise ConfigError(
@@ -496,7 +381,8 @@ def _run_steps(config: TrainConfig, lora: LoraRun, data: TrainData, state: Train
         if config.checkpoint_every and done % config.checkpoint_every == 0 and not last:
             state.seconds += time.perf_counter() - t_start
             t_start, tokens = time.perf_counter(), 0
-            _save_checkpoint(config.checkpoint_path, done, lora, state)
+            _save_checkpoint(config.checkpoint_path, done, lora.peft_model, lora.optimizer, lora.scheduler,
+                             lora.accelerator, dataclasses.asdict(state))
     return state.seconds + (time.perf_counter() - t_start)
 
 
@@ -555,7 +441,7 @@ def train_adapter(config: TrainConfig, *, model: Any = None, tokenizer: Any = No
     out = Path(config.out)
     if out.exists() and not config.force:
         check_output_free(out, config.force)  # raises OutputExistsError
-    checkpoint, skipped = _latest_checkpoint(config.checkpoint_path) if config.resume else (None, [])
+    checkpoint, skipped = latest_checkpoint(config.checkpoint_path) if config.resume else (None, [])
     for path in skipped:
         log.warning(f"ignoring {path}: not a lorablocks checkpoint (safetensors + JSON); pickled files are never loaded")
     domains = resolve_domains(config.data)
