@@ -1,0 +1,135 @@
+"""The server's request bodies (OpenAI's fields that matter here; others are ignored, as OpenAI clients send
+many) and the OpenAI response and stream-chunk objects."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lorablocks.serving.errors import RequestError
+from lorablocks.serving.generation import SamplingParams
+
+__all__ = ["CompletionRequest", "ChatRequest", "ChatMessage", "BlockWeight", "PutBlocks", "PostBlock",
+           "sampling_params", "completion_object", "chat_object", "new_id"]
+
+
+class _OpenAIRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: Optional[str] = None
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: Optional[int] = None
+    stop: Optional[Union[str, list[str]]] = None
+    stream: bool = False
+    stream_options: Optional[dict[str, Any]] = None
+    n: int = 1
+
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class CompletionRequest(_OpenAIRequest):
+    """``POST /v1/completions``: a plain prompt (a string, or a list of one string)."""
+
+    prompt: Union[str, list[str]]
+
+
+class _TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[_TextPart]]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(_OpenAIRequest):
+    """``POST /v1/chat/completions``: messages through the model's chat template."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+
+
+class BlockWeight(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    weight: float = Field(1.0, allow_inf_nan=False)
+
+
+class PutBlocks(BaseModel):
+    """``PUT /v1/blocks``: the whole composition (empty: the base model)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    active: list[BlockWeight]
+
+
+class PostBlock(BaseModel):
+    """``POST /v1/blocks/{name}``: add the block, or change its weight (negative subtracts)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weight: float = Field(1.0, allow_inf_nan=False)
+
+
+def sampling_params(req: _OpenAIRequest, max_tokens: Optional[int], default: int, limit: int) -> SamplingParams:
+    """The request's sampling settings, checked against this server's limit."""
+    if req.n != 1:
+        raise RequestError(f"n must be 1 (one completion per request), got {req.n}", setting="n")
+    n = default if max_tokens is None else max_tokens
+    if n > limit:
+        raise RequestError(f"max_tokens {n} is over this server's limit of {limit}", setting="max_tokens")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > 4 or any(not s for s in stop):
+        raise RequestError("stop takes up to 4 non-empty strings", setting="stop")
+    return SamplingParams(max_new_tokens=n, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                          stop=tuple(stop))
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def _envelope(kind: str, rid: str, model: str, fingerprint: str, choice: dict[str, Any]) -> dict[str, Any]:
+    return {"id": rid, "object": kind, "created": int(time.time()), "model": model,
+            "system_fingerprint": fingerprint, "choices": [choice]}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_object(rid: str, model: str, fingerprint: str, text: str, finish: Optional[str],
+                      chunk: bool = False) -> dict[str, Any]:
+    """A ``text_completion`` (whole, or one stream chunk: the same object with part of the text)."""
+    return _envelope("text_completion", rid, model, fingerprint,
+                     {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
+
+
+def chat_object(rid: str, model: str, fingerprint: str, text: Optional[str], finish: Optional[str],
+                chunk: bool = False, role: bool = False) -> dict[str, Any]:
+    """A ``chat.completion``, or a ``chat.completion.chunk`` whose delta holds ``text`` (and the role)."""
+    if not chunk:
+        return _envelope("chat.completion", rid, model, fingerprint,
+                         {"index": 0, "message": {"role": "assistant", "content": text},
+                          "finish_reason": finish, "logprobs": None})
+    delta: dict[str, Any] = {"role": "assistant"} if role else {}
+    if text is not None:
+        delta["content"] = text
+    return _envelope("chat.completion.chunk", rid, model, fingerprint,
+                     {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None})

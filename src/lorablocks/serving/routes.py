@@ -1,0 +1,225 @@
+"""The HTTP endpoints: OpenAI-compatible completions (whole or streamed as server-sent events) and the live
+composition (``/v1/blocks``). Generations run on the :class:`~lorablocks.serving.live.Runner`'s threads
+under the composition's read lock; changes run on FastAPI's thread pool and take the write lock."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from lorablocks.serving.api import (ChatRequest, CompletionRequest, PostBlock, PutBlocks, chat_object,
+                                    completion_object, new_id, sampling_params, usage)
+from lorablocks.serving.errors import RequestError, ServerBusyError, describe
+from lorablocks.serving.generation import Chunk, SamplingParams, check_length, encode_chat, encode_prompt, generate_stream
+from lorablocks.serving.live import ChangeReport, LiveModel, Runner
+
+__all__ = ["FINGERPRINT_HEADER", "AppSettings", "add_routes"]
+
+FINGERPRINT_HEADER = "X-Lorablocks-Fingerprint"
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """What the HTTP layer needs besides the live model."""
+
+    model_name: str = "lorablocks"
+    api_key: str | None = None
+    max_tokens_limit: int = 512
+    #: ``max_tokens`` of a completion that gives none (OpenAI's default is 16); chat: the limit
+    default_max_tokens: int = 16
+
+
+# ------------------------------------------------------------------------------------------ generation
+
+
+class _Job:
+    """One generation on a worker thread, handing its events to the request's event loop."""
+
+    def __init__(self, live: LiveModel, runner: Runner, ids: list[int], params: SamplingParams) -> None:
+        self.live, self.runner, self.ids, self.params = live, runner, ids, params
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.cancelled = threading.Event()
+
+    def _put(self, kind: str, value: Any = None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the loop is gone: nobody listens any more
+            self.cancelled.set()
+
+    def _stop(self) -> bool:
+        return self.cancelled.is_set() or self.runner.stopping.is_set()
+
+    def run(self) -> None:
+        try:
+            if self._stop():
+                return
+            model, tokenizer = self.live.composed.model, self.live.composed.tokenizer
+            with self.live.reading() as fingerprint:
+                self._put("start", fingerprint)
+                for chunk in generate_stream(model, tokenizer, self.ids, self.params, should_stop=self._stop):
+                    self._put("chunk", chunk)
+        except Exception as exc:  # reported to the client as one line
+            self._put("error", exc)
+        finally:
+            self._put("end")
+
+    async def start(self) -> str:
+        """Queue the job and wait until it runs; its composition's fingerprint."""
+        self.runner.submit(self.run)
+        kind, value = await self.events.get()
+        if kind == "error":
+            raise value
+        if kind == "end":
+            raise ServerBusyError("the server is stopping")
+        return value
+
+    async def chunks(self) -> AsyncIterator[Chunk]:
+        while True:
+            kind, value = await self.events.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+
+
+async def _start(live: LiveModel, runner: Runner, ids: list[int], params: SamplingParams) -> tuple[_Job, str]:
+    job = _Job(live, runner, ids, params)
+    try:
+        return job, await job.start()
+    except BaseException:
+        job.cancelled.set()
+        raise
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj) if not isinstance(obj, str) else obj}\n\n"
+
+
+
+@dataclass(frozen=True)
+class _Render:
+    """Builds the response objects of one request (completion or chat)."""
+
+    chat: bool
+    rid: str
+    model: str
+    fingerprint: str
+
+    def piece(self, text: Optional[str], finish: Optional[str], role: bool = False) -> str:
+        if self.chat:
+            return _sse(chat_object(self.rid, self.model, self.fingerprint, text, finish, chunk=True, role=role))
+        return _sse(completion_object(self.rid, self.model, self.fingerprint, text or "", finish, chunk=True))
+
+    def whole(self, text: str, finish: str, prompt_tokens: int, tokens: int) -> dict[str, Any]:
+        build = chat_object if self.chat else completion_object
+        return {**build(self.rid, self.model, self.fingerprint, text, finish), "usage": usage(prompt_tokens, tokens)}
+
+    def usage_chunk(self, prompt_tokens: int, tokens: int) -> str:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return _sse({"id": self.rid, "object": kind, "created": int(time.time()), "model": self.model,
+                     "system_fingerprint": self.fingerprint, "choices": [], "usage": usage(prompt_tokens, tokens)})
+
+
+async def _events(job: _Job, render: _Render, prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+    """The server-sent events of a streamed completion; the generation stops if the client goes away."""
+    tokens = 0
+    try:
+        if render.chat:
+            yield render.piece("", None, role=True)
+        async for chunk in job.chunks():
+            tokens = chunk.tokens or tokens
+            if render.chat and chunk.finish_reason:
+                if chunk.text:
+                    yield render.piece(chunk.text, None)
+                yield render.piece(None, chunk.finish_reason)
+            else:
+                yield render.piece(chunk.text, chunk.finish_reason)
+        if include_usage:
+            yield render.usage_chunk(prompt_tokens, tokens)
+    except Exception as exc:  # after the headers: the error goes into the stream
+        yield _sse(describe(exc)[1])
+    finally:
+        job.cancelled.set()
+    yield "data: [DONE]\n\n"
+
+
+async def _respond(live: LiveModel, runner: Runner, settings: AppSettings, ids: list[int],
+                   params: SamplingParams, req: Any, chat: bool) -> Any:
+    check_length(live.composed.model, len(ids), params.max_new_tokens)
+    job, fingerprint = await _start(live, runner, ids, params)
+    render = _Render(chat, new_id("chatcmpl" if chat else "cmpl"), settings.model_name, fingerprint)
+    headers = {FINGERPRINT_HEADER: fingerprint}
+    if req.stream:
+        return StreamingResponse(_events(job, render, len(ids), req.include_usage()), media_type="text/event-stream",
+                                 headers={**headers, "Cache-Control": "no-cache"})
+    parts, finish, tokens = [], "length", 0
+    try:
+        async for chunk in job.chunks():
+            parts.append(chunk.text)
+            finish, tokens = chunk.finish_reason or finish, chunk.tokens or tokens
+    finally:
+        job.cancelled.set()
+    return JSONResponse(render.whole("".join(parts), finish, len(ids), tokens), headers=headers)
+
+
+def _changed(report: ChangeReport, live: LiveModel) -> JSONResponse:
+    body = {**live.state(), "active": [{"name": b.name, "weight": b.weight} for b in report.active],
+            "fingerprint": report.fingerprint, "seconds": report.seconds, "locked_seconds": report.locked_seconds}
+    return JSONResponse(body, headers={FINGERPRINT_HEADER: report.fingerprint})
+
+
+def add_routes(app: FastAPI, live: LiveModel, runner: Runner, settings: AppSettings) -> None:
+    """Register every endpoint on ``app``."""
+    tokenizer, started = live.composed.tokenizer, int(time.time())
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "fingerprint": live.fingerprint}
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": started,
+                                            "owned_by": "lorablocks"}]}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest) -> Any:
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if len(prompts) != 1:
+            raise RequestError(f"send one prompt per request, got {len(prompts)}", setting="prompt")
+        params = sampling_params(req, req.max_tokens, settings.default_max_tokens, settings.max_tokens_limit)
+        ids = encode_prompt(tokenizer, prompts[0], "raw")
+        return await _respond(live, runner, settings, ids, params, req, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest) -> Any:
+        given = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        params = sampling_params(req, given, settings.max_tokens_limit, settings.max_tokens_limit)
+        ids = encode_chat(tokenizer, [{"role": m.role, "content": m.text()} for m in req.messages])
+        return await _respond(live, runner, settings, ids, params, req, chat=True)
+
+    @app.get("/v1/blocks")
+    def get_blocks() -> JSONResponse:
+        state = live.state()
+        return JSONResponse(state, headers={FINGERPRINT_HEADER: state["fingerprint"]})
+
+    @app.put("/v1/blocks")
+    def put_blocks(body: PutBlocks) -> JSONResponse:
+        return _changed(live.set_active([(b.name, b.weight) for b in body.active]), live)
+
+    @app.post("/v1/blocks/{name:path}")
+    def post_block(name: str, body: Optional[PostBlock] = None) -> JSONResponse:
+        return _changed(live.add(name, (body or PostBlock()).weight), live)
+
+    @app.delete("/v1/blocks/{name:path}")
+    def delete_block(name: str) -> JSONResponse:
+        return _changed(live.remove(name), live)
