@@ -27,14 +27,27 @@ import torch
 from lorablocks.core.algebra import CANCEL_TOL, COMPUTE_DTYPE, CompressionReport, LowRank
 
 __all__ = ["CoreSpace", "core_space", "from_core", "factored_svd", "stacked_svd", "polar_factor",
-           "left_singular_vectors", "refactor_dense"]
+           "left_singular_vectors", "sign_convention", "refactor_dense"]
+
+
+def sign_convention(U: torch.Tensor) -> torch.Tensor:
+    """``+1`` / ``-1`` per column of ``U``: the sign of the column's entry of largest magnitude.
+
+    Singular vectors are defined up to sign; ``U * sign_convention(U)`` makes that entry positive, so that
+    a rule which is not sign-equivariant (the ``frequency`` election breaks a 0 count towards ``+``) does
+    not depend on the SVD routine's choice.
+    """
+    idx = U.abs().argmax(dim=0, keepdim=True)
+    signs = torch.gather(U, 0, idx).sign().squeeze(0)
+    return torch.where(signs == 0, torch.ones_like(signs), signs)
 
 
 def left_singular_vectors(X: torch.Tensor) -> torch.Tensor:
-    """Thin ``U`` of ``X = U S V^T`` (``X`` tall, ``m x k``): ``X = Q R``, ``R = u s v^T``, ``U = Q u``."""
+    """Thin ``U`` of ``X = U S V^T`` (``X`` tall, ``m x k``): ``X = Q R``, ``R = u s v^T``, ``U = Q u``,
+    with :func:`sign_convention`'s signs."""
     Q, R = torch.linalg.qr(X, mode="reduced")
-    u = torch.linalg.svd(R, full_matrices=False)[0]
-    return Q @ u
+    U = Q @ torch.linalg.svd(R, full_matrices=False)[0]
+    return U * sign_convention(U)
 
 
 @dataclass(frozen=True)
@@ -79,7 +92,8 @@ def stacked_svd(factors: Sequence[LowRank]) -> tuple[torch.Tensor, torch.Tensor,
     """KnOTS' joint SVD ``[dW_1 ... dW_n] = U diag(S) [Vh_1 ... Vh_n]`` in float64, factored.
 
     With ``A_i^T = Q_i R_i``: ``[dW_1 ... dW_n] = [B_1 R_1^T ... B_n R_n^T] blockdiag(Q_i^T)``; the thin SVD
-    of the ``out x R`` first factor ``= U diag(S) vh`` gives ``Vh_i = vh[:, block i] Q_i^T`` (``k x in``).
+    of the ``out x R`` first factor ``= U diag(S) vh`` gives ``Vh_i = vh[:, block i] Q_i^T`` (``k x in``);
+    signs by :func:`sign_convention` on ``U``.
     Directions with ``S`` below ``CANCEL_TOL |[B_i]|_F |[A_i]|_F`` (exact rank deficiency) are dropped.
     """
     Qs, cols = [], []
@@ -94,6 +108,8 @@ def stacked_svd(factors: Sequence[LowRank]) -> tuple[torch.Tensor, torch.Tensor,
     a_norm = math.sqrt(sum(float(x.A.to(COMPUTE_DTYPE).pow(2).sum()) for x in factors))
     keep = int((S > CANCEL_TOL * b_norm * a_norm).sum())
     U, S, vh = Qc @ u[:, :keep], S[:keep], vh[:keep]
+    signs = sign_convention(U)
+    U, vh = U * signs, vh * signs[:, None]
     Vhs, start = [], 0
     for Q in Qs:
         Vhs.append(vh[:, start:start + Q.shape[1]] @ Q.T)
