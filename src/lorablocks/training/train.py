@@ -287,7 +287,11 @@ def _resume(config: TrainConfig, lora: LoraRun, checkpoint: Path | None) -> Trai
     now = config.model_dump()
     if checkpoint is None:
         return TrainState(config=now)
-    state = TrainState(**_load_checkpoint(checkpoint, lora.peft_model, lora.optimizer, lora.scheduler, lora.accelerator))
+    saved = _load_checkpoint(checkpoint, lora.peft_model, lora.optimizer, lora.scheduler, lora.accelerator)
+    try:
+        state = TrainState(**saved)
+    except TypeError:
+        raise ConfigError(f"checkpoint {checkpoint} is unreadable (no training state in state.json)") from None
     diffs = [k for k in state.config if k not in RUN_ONLY and state.config[k] != now.get(k)]
     if diffs:
         raise ConfigError(
