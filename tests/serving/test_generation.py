@@ -1,0 +1,92 @@
+"""Streamed generation: greedy equals transformers' greedy ``generate``, seeded sampling repeats, stop strings
+end the text without sending any part of them, prompts follow the templates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorablocks.serving.errors import RequestError
+from lorablocks.serving.generation import (SamplingParams, _StopDecoder, check_length, encode_chat, encode_prompt,
+                                           generate_stream, generate_text)
+from tests.conftest import tiny_gpt2, tiny_llama
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def tiny(request, tok):
+    build = tiny_gpt2 if request.param == "gpt2" else tiny_llama
+    return build(len(tok)), tok
+
+
+def test_greedy_equals_transformers_generate(tiny):
+    model, tok = tiny
+    ids = encode_prompt(tok, "Question: What is two plus three?\nAnswer:", "raw")
+    ours = [c for c in generate_stream(model, tok, ids, SamplingParams(max_new_tokens=12), eos_ids=set())]
+    assert ours[-1].finish_reason == "length" and ours[-1].tokens == 12
+    expected = model.generate(torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                              pad_token_id=tok.eos_token_id)[0, len(ids):]
+    text = "".join(c.text for c in ours)
+    assert text == tok.decode(expected, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def test_sampling_repeats_under_a_seed_and_differs_across_seeds(tiny):
+    model, tok = tiny
+    ids = encode_prompt(tok, "The quick brown fox", "raw")
+    run = lambda seed: generate_text(model, tok, ids, SamplingParams(max_new_tokens=16, temperature=1.5, seed=seed))[0]  # noqa: E731
+    assert run(3) == run(3)
+    assert len({run(s) for s in range(4)}) > 1
+    greedy = generate_text(model, tok, ids, SamplingParams(max_new_tokens=16))[0]
+    assert greedy == generate_text(model, tok, ids, SamplingParams(max_new_tokens=16, top_p=1e-6, temperature=1.0, seed=1))[0]
+
+
+class _CharTokenizer:
+    """One token per character: enough to test stop strings exactly."""
+
+    def decode(self, ids, **_):
+        return "".join(chr(i) for i in ids)
+
+
+@pytest.mark.parametrize("text, stop, sent, reason", [
+    ("hello world", ["wor"], "hello ", "stop"),
+    ("hello world", ["xyz"], "hello world", None),
+    ("abcabd", ["abd"], "abc", "stop"),
+    ("hello", ["lo", "ell"], "h", "stop"),
+])
+def test_stop_strings_cut_the_text_and_are_never_half_sent(text, stop, sent, reason):
+    dec = _StopDecoder(_CharTokenizer(), stop)
+    out, stopped = [], False
+    for ch in text:
+        piece, stopped = dec.push(ord(ch))
+        out.append(piece)
+        if stopped:
+            break
+        assert not any(s in "".join(out) for s in stop)
+    if not stopped:
+        out.append(dec.finish())
+    assert "".join(out) == sent
+    assert (reason == "stop") == stopped
+
+
+def test_prompt_templates(tok):
+    assert tok.decode(encode_prompt(tok, "Why?", "qa")) == "Question: Why?\nAnswer:"
+    assert tok.decode(encode_prompt(tok, "Why?", "raw")) == "Why?"
+    # the tiny tokenizer has no chat template: role lines, then the assistant's turn
+    assert tok.decode(encode_chat(tok, [{"role": "user", "content": "Hi"}])) == "user: Hi\nassistant:"
+    assert encode_prompt(tok, "Hi", "auto") == encode_prompt(tok, "Hi", "raw")
+    assert encode_prompt(tok, "", "raw") == [tok.eos_token_id]  # an empty prompt starts a document
+
+
+def test_bad_sampling_settings_and_context_length(tiny):
+    model, _ = tiny
+    for bad in ({"max_new_tokens": 0}, {"temperature": -1.0}, {"top_p": 0.0}, {"top_p": 1.5}):
+        with pytest.raises(RequestError):
+            SamplingParams(**bad)
+    with pytest.raises(RequestError, match="context of 512"):
+        check_length(model, 500, 13)
+    check_length(model, 500, 12)
+
+
+def test_should_stop_ends_generation_early(tiny):
+    model, tok = tiny
+    chunks = list(generate_stream(model, tok, [1, 2, 3], SamplingParams(max_new_tokens=50), should_stop=lambda: True))
+    assert chunks[-1].finish_reason == "length" and chunks[-1].tokens == 0
