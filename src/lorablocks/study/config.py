@@ -24,6 +24,8 @@ __all__ = [
     "EvalSettings",
     "StudyConfig",
     "SubsetSpec",
+    "MethodSpec",
+    "AnalysisSettings",
     "PRESETS",
     "load_config",
     "plan_subsets",
@@ -46,6 +48,32 @@ class EvalSettings(Settings):
     max_length: int = Field(512, ge=16, description="Tokens per example; longer ones are truncated (counted).")
 
 
+class MethodSpec(Settings):
+    """A composition method evaluated on every subset beside the naive sum (see ``lorablocks.compose.methods``).
+
+    ``params`` are the method's parameters; for ``learned`` they are its fitting settings (``steps``,
+    ``limit``, ``learning_rate``), and the weights are fitted per subset on validation examples.
+    """
+
+    name: str = Field(description="Method name, e.g. ties, dare_ties, tsv, knots, learned.")
+    params: dict[str, Any] = Field(default_factory=dict, description="The method's parameters.")
+
+    @property
+    def label(self) -> str:
+        """``ties`` or ``ties(density=0.3)``: how tables and results name it."""
+        inner = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+        return f"{self.name}({inner})" if inner else self.name
+
+
+class AnalysisSettings(Settings):
+    """Uncertainty and predictors."""
+
+    bootstrap_resamples: int = Field(10_000, ge=200, description="Paired-bootstrap resamples per interval.")
+    bootstrap_seed: int = Field(0, description="Seed of every bootstrap and permutation.")
+    probe_limit: int = Field(16, ge=0, description="Validation examples per domain probed for function overlap (0: off).")
+    near_pairs: list[list[str]] = Field([["medicine", "biomed"]], description="Domain pairs that overlap on purpose.")
+
+
 SubsetSpec = Union[Literal["pairs_and_all", "pairs", "all", "none"], list[list[str]]]
 
 
@@ -60,6 +88,8 @@ class StudyConfig(Settings):
     merged_subsets: SubsetSpec = Field("pairs_and_all", description="Subsets that get a merged-data adapter.")
     max_sum_size: Optional[int] = Field(None, ge=2, description="Largest sum evaluated (default: all domains).")
     seeds: list[int] = Field([0], min_length=1, description="Training seeds; results report mean and spread.")
+    methods: list[MethodSpec] = Field(default_factory=list, description="Composition methods evaluated beside the naive sum.")
+    analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)
 
     @field_validator("domains")
     @classmethod
@@ -119,7 +149,7 @@ def load_config(path: str | os.PathLike | None = None, preset: str | None = None
     except ValidationError as exc:
         problems = describe_errors(exc)
         raise ConfigError(f"{len(problems)} problem(s) in the study config: " + "; ".join(problems)) from None
-    problems = []
+    problems = _method_problems(cfg.methods)
     if isinstance(cfg.merged_subsets, list):
         for s in cfg.merged_subsets:
             unknown = [d for d in s if d not in cfg.domains]
@@ -130,6 +160,30 @@ def load_config(path: str | os.PathLike | None = None, preset: str | None = None
     if problems:
         raise ConfigError(f"{len(problems)} problem(s) in the study config: " + "; ".join(problems))
     return cfg
+
+
+def _method_problems(methods: Sequence[MethodSpec]) -> list[str]:
+    """Every method that does not exist or whose parameters it does not take."""
+    from lorablocks.compose.methods import get_method, validate_params
+    from lorablocks.errors import LoraBlocksError
+
+    problems = []
+    for i, spec in enumerate(methods):
+        try:
+            method = get_method(spec.name)
+            if spec.name == "learned":
+                from lorablocks.training.learned import LearnSettings
+
+                LearnSettings(**spec.params)
+            elif spec.name != "sum":
+                validate_params(method, spec.params)
+            else:
+                problems.append(f"methods.{i}: sum is always evaluated (it is the baseline); do not list it")
+        except LoraBlocksError as exc:
+            problems.append(f"methods.{i}: {exc}")
+        except TypeError as exc:
+            problems.append(f"methods.{i}: learned: {exc}")
+    return problems
 
 
 def plan_subsets(domains: Sequence[str], max_size: int | None, merged: SubsetSpec) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]]:
