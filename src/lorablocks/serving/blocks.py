@@ -77,29 +77,33 @@ class BlockLibrary:
         return real != self.root and real.is_relative_to(self.root)
 
     def names(self) -> list[str]:
-        """Every available block: sub-folders holding an adapter config, inside the folder."""
+        """Every available block: sub-folders holding an adapter config, whose files stay inside the folder."""
         found = []
         for p in self.root.iterdir():
             try:
-                if not p.name.startswith(".") and (p / CONFIG_NAME).is_file() and self._inside(p) \
-                        and self._inside(p / CONFIG_NAME):
+                if self._folder(p.name) is not None:
                     found.append(p.name)
-            except OSError:
+            except (LoraBlocksError, OSError):
                 continue
         return sorted(found)
 
     def path(self, name: str) -> Path:
         """The folder of block ``name``, after every check on the name and where it leads."""
+        folder = self._folder(name)
+        if folder is None:
+            raise UnknownBlockError(f"no block named {name!r}; available: {', '.join(self.names()) or 'none'}",
+                                    setting="name")
+        return folder
+
+    def _folder(self, name: str) -> Path | None:
+        """The block's folder; ``None`` when there is no adapter of that name; an error for an escaping one."""
         folder = self.root / check_block_name(name)
         if folder.is_symlink() or folder.exists():
             for p in (folder, folder / CONFIG_NAME, folder / WEIGHTS_NAME):
                 if (p.is_symlink() or p.exists()) and not self._inside(p):
                     raise BlockNameError(f"block {name!r} leads outside the blocks folder; it is not loaded",
                                          setting="name")
-        if not (folder.is_dir() and (folder / CONFIG_NAME).is_file()):
-            raise UnknownBlockError(f"no block named {name!r}; available: {', '.join(self.names()) or 'none'}",
-                                    setting="name")
-        return folder
+        return folder if folder.is_dir() and (folder / CONFIG_NAME).is_file() else None
 
     def get(self, name: str) -> LoadedBlock:
         """Block ``name``, opened and read (from memory when its files are unchanged)."""
