@@ -17,7 +17,7 @@ import yaml
 from lorablocks.cli import run_app
 from lorablocks.errors import ConfigError
 from lorablocks.study.report import REPORT_SECTIONS
-from lorablocks.study.pipeline import load_config, plan_subsets
+from lorablocks.study.config import load_config, plan_subsets
 from tests.conftest import save_tiny_model, write_domain
 
 DOMAINS = ["math", "words", "code"]
@@ -52,6 +52,7 @@ def _numbers(out: Path) -> dict:
         t.pop("seconds")
     for e in res["evaluations"]:
         e.pop("seconds")
+    res["evaluations"].sort(key=lambda e: (e["label"], str(e["seed"])))
     return res
 
 
@@ -68,30 +69,43 @@ def test_report_has_every_section_and_files(full_run):
     report = (out / "report.md").read_text()
     for section in REPORT_SECTIONS:
         assert section in report, section
-    for name in ("cosine_heatmap.png", "change_vs_cosine.png", "degradation.png", "training_loss.png"):
+    for name in ("cosine_heatmap.png", "change_vs_overlap.png", "degradation.png", "training_loss.png", "methods.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG", name
     res = json.loads((out / "results.json").read_text())
     # 3 pairs + the triple, each with its merged-data adapter (default: pairs and all)
     assert [tuple(s["domains"]) for s in res["subsets"]] == [
         ("math", "words"), ("math", "code"), ("words", "code"), ("math", "words", "code")]
-    assert all(s["has_merged"] for s in res["subsets"])
     for s in res["subsets"]:
-        assert s["merged"]["joint"] > 1 and s["sum"]["joint"] > 1
-        assert 0 < s["rms_cosine"] <= 1
-    assert len(res["fit"]["points"]) == 4 and res["fit"]["slope"] is not None
+        assert s["ppl_merged"]["joint"] > 1 and s["ppl_sum"]["joint"] > 1
+        assert 0 < s["rms_cosine"] <= 1 and s["function_overlap"] > 0
+        joint = s["vs_merged"]["joint"]
+        assert joint["low"] <= joint["value"] <= joint["high"] and joint["low"] < joint["high"]
+    # every change in the report carries its interval
+    assert "% [" in report
+    fits = {(f["level"], f["predictor"]): f for f in res["fits"]}
+    assert len(fits[("paper", "rms_cosine")]["x"]) == 4
+    assert len(fits[("fine", "rms_cosine")]["x"]) == 2 * 3 + 3 and fits[("fine", "rms_cosine")]["stats"]["permutation_p"]
+    assert len(fits[("fine", "function_overlap")]["x"]) == 9
     assert [d["blocks"] for d in res["degradation"]] == [1, 2, 3]
     for u in res["unlearning"]:
         # subtracting a block from the sum of all equals the sum without it, up to float error
-        assert u["max_delta_rel_diff_vs_sum_without"] < 1e-6
-        assert u["forgotten"]["unlearned"] == pytest.approx(u["forgotten"]["sum_without"], rel=1e-4)
+        assert u["delta_rel_diff"] < 1e-6
+        assert u["ppl"]["max_rel_diff_vs_sum_without"] < 1e-4
     base = next(e for e in res["evaluations"] if e["label"] == "base")
     single = next(e for e in res["evaluations"] if e["label"] == "single:math")
     assert single["domains"]["math"]["perplexity"] != base["domains"]["math"]["perplexity"]
+    sums = [e for e in res["evaluations"] if e["kind"] == "sum"]
+    assert all(set(e["domains"]) == set(e["subset"]) for e in sums)  # a sum is scored on its own domains
     csv_lines = (out / "results.csv").read_text().splitlines()
     assert csv_lines[0].startswith("model,kind,seed,subset,domain,perplexity")
-    assert len(csv_lines) == 1 + len(res["evaluations"]) * 3
+    assert any(",vs_merged," in line for line in csv_lines)
     assert yaml.safe_load((out / "config.yaml").read_text())["domains"] == DOMAINS
     assert "torch" in json.loads((out / "versions.json").read_text())
+    # the trained blocks are exposed as ordinary adapters
+    from lorablocks.files.adapters import load_adapter
+
+    assert {p.name for p in (out / "adapters").iterdir()} >= {"math", "words", "code", "merged-math+words"}
+    assert load_adapter(out / "adapters" / "math").delta
 
 
 def test_rerun_uses_the_cache_and_changing_eval_redoes_only_evaluation(setup, full_run, tmp_path):
@@ -114,7 +128,7 @@ def test_rerun_uses_the_cache_and_changing_eval_redoes_only_evaluation(setup, fu
     adapters_after = {p.name: p.stat().st_mtime_ns for p in (out / "cache" / "adapters").iterdir()}
     assert adapters_after == adapters_before  # training untouched
     res2 = json.loads((out / "results.json").read_text())
-    assert res2["evaluations"][0]["domains"]["math"]["examples"] == 5
+    assert all(d["examples"] == 5 for e in res2["evaluations"] for d in e["domains"].values())
 
 
 def test_killed_study_resumes_to_identical_results(setup, full_run, tmp_path):
@@ -173,6 +187,34 @@ def test_non_study_output_folder_is_refused(setup, tmp_path, capsys):
     assert _run(["study", cfg, "--data", root / "data", "--out", tmp_path / "busy"]) == 2
     assert "not a lorablocks study folder" in capsys.readouterr().err
     assert (tmp_path / "busy" / "thesis.tex").read_text() == "precious"
+
+
+def test_a_user_file_named_study_json_does_not_make_a_study_folder(setup, tmp_path, capsys):
+    root, cfg = setup
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "study.json").write_text('{"my": "notes"}')
+    (busy / "report.md").write_text("my report")
+    assert _run(["study", cfg, "--data", root / "data", "--out", busy]) == 2
+    assert "not a lorablocks study folder" in capsys.readouterr().err
+    assert (busy / "report.md").read_text() == "my report" and not (busy / "cache").exists()
+
+
+def test_corrupt_cache_entries_are_recomputed_and_named(setup, full_run, tmp_path, capsys):
+    import shutil
+
+    root, cfg = setup
+    out = tmp_path / "out"
+    shutil.copytree(full_run, out)
+    evals = sorted((out / "cache" / "evals").glob("*.json"))
+    evals[0].write_text("{not json")
+    block = next(p for p in (out / "cache" / "adapters").iterdir() if p.name.startswith("math-seed"))
+    (block / "adapter_model.safetensors").write_bytes(b"\x00" * 16)
+    (block / "lorablocks_train.json").write_text("[broken")
+    assert _run(["study", cfg, "--data", root / "data", "--out", out, "--threads", "1"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "is corrupt: recomputing it" in err and "unusable" in err and "training it again" in err
+    assert _numbers(out) == _numbers(full_run)
 
 
 def test_plan_subsets():

@@ -17,16 +17,18 @@ def study_cmd(
     config: Annotated[Optional[Path], typer.Argument(help="Study config (YAML); settings override the preset.")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Folder holding the domain folders (e.g. ../shared/data).")] = None,
     out: Annotated[Path, typer.Option("--out", help="Output folder; running again resumes from its cache.")] = Path("study-out"),
-    preset: Annotated[Optional[str], typer.Option("--preset", help="smoke (minutes, for checking), quick (the README's run, <20 min on 2 CPU cores) or paper (the full run, 3 seeds).")] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", help="smoke (minutes, for checking), quick (the README's run, <20 min on 2 CPU cores), standard (all five domains, <90 min) or paper (the paper's scale, 3 seeds; for a GPU).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="Override the config's base model.")] = None,
     domains: Annotated[Optional[str], typer.Option("--domains", help="Override the domains, comma-separated (e.g. math,medicine,finance,code).")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Where the built-in model is cached.")] = None,
     threads: Annotated[int, typer.Option("--threads", help="Torch CPU threads (0: torch's default).")] = 0,
-    force: Annotated[bool, typer.Option("--force", help="Use --out even if it holds something other than a study.")] = False,
 ) -> None:
-    """Train per-domain adapters, sum them, compare with merged-data training, fit change vs overlap, unlearn."""
+    """Train per-domain adapters, sum them, compare with merged-data training, fit change vs overlap, unlearn.
+
+    --out is resumed when it holds a lorablocks study and refused when it holds anything else."""
     from lorablocks.study.report import write_report
-    from lorablocks.study.pipeline import load_config, run_study
+    from lorablocks.study.config import load_config
+    from lorablocks.study.pipeline import run_study
 
     overrides: dict = {}
     if model:
@@ -38,7 +40,7 @@ def study_cmd(
     cfg = load_config(config, preset=preset, overrides=overrides)
     console.print(f"study: model {cfg.model}, domains {', '.join(cfg.domains)}, seeds {cfg.seeds}, out {out}",
                   highlight=False)
-    result = run_study(cfg, data, out, cache_dir=cache_dir, force=force, threads=threads or None,
+    result = run_study(cfg, data, out, cache_dir=cache_dir, threads=threads or None,
                        log=lambda msg: console.print(msg, highlight=False))
     command = "lorablocks " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report = write_report(result, out, command=command)

@@ -1,4 +1,4 @@
-"""Verbs for base models, training and evaluation: ``prepare-model``, ``train``, ``eval``.
+"""Verbs for base models and training: ``prepare-model``, ``train`` (``eval`` lives in :mod:`.evaluation`).
 
 Each parses its flags, calls one library function and prints. Several values may follow one flag
 (``--data math medicine``) or the flag may be repeated (``--data math --data medicine``).
@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.table import Table
 
 from lorablocks.cli.app import app, console
-from lorablocks.errors import LoraBlocksError, ShapeMismatchError
+from lorablocks.errors import LoraBlocksError
 from lorablocks.training.config import LoraSettings, OptimSettings, TrainConfig
 
 _MULTI = {"allow_extra_args": True}
@@ -108,82 +107,3 @@ def _train_signature() -> inspect.Signature:
 
 train_cmd.__signature__ = _train_signature()  # type: ignore[attr-defined]
 app.command("train", context_settings=_MULTI)(train_cmd)
-
-
-@app.command("eval", context_settings=_MULTI)
-def eval_cmd(
-    ctx: typer.Context,
-    data: Annotated[Optional[list[str]], typer.Option("--data", help="Domain(s) to evaluate (folders, .jsonl files or hub names).")] = None,
-    model: Annotated[str, typer.Option("--model", help="Base model: smollm2-135m (built in), a local folder or a hub id.")] = "smollm2-135m",
-    adapter: Annotated[Optional[list[Path]], typer.Option("--adapter", help="Adapter folder(s) merged into the weights (their weighted sum).")] = None,
-    weights: Annotated[Optional[str], typer.Option("--weights", help="Comma-separated weights, one per adapter (default all 1).")] = None,
-    split: Annotated[str, typer.Option("--split", help="train, validation or test.")] = "test",
-    limit: Annotated[Optional[int], typer.Option("--limit", help="First N examples per domain.")] = None,
-    max_length: Annotated[int, typer.Option("--max-length", help="Max tokens per example; longer ones are truncated and counted.")] = 512,
-    batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Max padded tokens per batch.")] = 4096,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")] = None,
-    ignore_base_model: Annotated[bool, typer.Option("--ignore-base-model", help="Skip the check of the adapters' recorded base model (shapes are still checked).")] = False,
-    cache_dir: CacheOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing --json file.")] = False,
-) -> None:
-    """Per-domain and joint token-weighted perplexity, with the adapters' weighted sum merged in."""
-    from lorablocks.core import algebra
-    from lorablocks.files.adapters import load_adapter
-    from lorablocks.compose.operations import parse_weights
-    from lorablocks.training.data import resolve_domains
-    from lorablocks.training.evaluate import evaluate_perplexity, prepare_eval_set
-    from lorablocks.files.outputs import check_output_free, versions, write_json
-    from lorablocks.model.merge import check_delta_fits
-    from lorablocks.model.models import load_model, model_id, same_base_model
-
-    # Extra values after a flag: adapter folders (they hold adapter_config.json) or domains.
-    adapters_in = list(adapter or [])
-    domains_in = list(data or [])
-    for extra in _extras(ctx):
-        (adapters_in if (Path(extra) / "adapter_config.json").is_file() else domains_in).append(extra)
-    if limit is not None and limit < 1:
-        raise LoraBlocksError(f"--limit must be a positive integer, got {limit}")
-    if json_out is not None:
-        check_output_free(json_out, force)
-    domains = resolve_domains(domains_in)
-    loaded = [load_adapter(p) for p in adapters_in]
-    w = parse_weights(weights, len(loaded)) if loaded else []
-    if weights is not None and not loaded:
-        raise LoraBlocksError("--weights given without --adapter")
-    if not ignore_base_model:
-        for a in loaded:
-            if not same_base_model(a.base_model, model):
-                raise ShapeMismatchError(
-                    f"adapter {a.path} was trained on {a.base_model}, not {model}; "
-                    "pass --ignore-base-model if the weights are the same"
-                )
-    model_obj, tokenizer = load_model(model, cache_dir=cache_dir)
-    for a in loaded:  # before any tokenization or forward pass
-        check_delta_fits(model_obj, a.delta, label=str(a.path))
-    delta = algebra.add([a.delta for a in loaded], w) if loaded else None
-    eval_set = prepare_eval_set(tokenizer, domains, split=split, limit=limit, max_length=max_length, batch_tokens=batch_tokens)
-    result = evaluate_perplexity(model_obj, eval_set, delta)
-
-    table = Table(title=f"perplexity ({split}, answer tokens only)")
-    for col in ("domain", "perplexity", "mean NLL", "tokens", "examples", "truncated"):
-        table.add_column(col, justify="left" if col == "domain" else "right")
-    rows = list(result.domains.items()) + [("joint", result.joint)]
-    for name, s in rows:
-        table.add_row(name, f"{s.perplexity:.4f}", f"{s.mean_nll:.4f}", str(s.tokens), str(s.examples), str(s.truncated))
-    console.print(table)
-    if json_out is not None:
-        payload = {
-            "tool": "lorablocks",
-            "kind": "eval",
-            "model": model_id(model),
-            "adapters": [a.provenance() for a in loaded],
-            "weights": w,
-            "split": split,
-            "limit": limit,
-            "max_length": max_length,
-            "data": {d.name: {"source": d.source, "sha256": eval_set.fingerprints.get(d.name)} for d in domains},
-            **result.to_dict(),
-            "versions": versions(),
-        }
-        write_json(json_out, payload, force=force)
-        console.print(f"wrote [bold]{json_out}[/bold]", highlight=False)

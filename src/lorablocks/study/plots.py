@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-__all__ = ["heatmap"]
+__all__ = ["heatmap", "study_plots"]
 
 
 def _pyplot():
@@ -52,4 +52,96 @@ def heatmap(
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     ax.set_title(title)
     _save(fig, path, force)
+    plt.close(fig)
+
+
+def _fit_panel(ax, fits, level: str, predictor: str, xlabel: str) -> None:
+    fit = next((f for f in fits if f.level == level and f.predictor == predictor), None)
+    if fit is None or not fit.x:
+        ax.set_title(f"{xlabel}: no points")
+        return
+    ax.scatter(fit.x, fit.y, s=14, color="tab:blue" if level == "fine" else "tab:orange", zorder=3, label=f"{level} ({len(fit.x)})")
+    st = fit.stats
+    if st.get("slope") is not None:
+        lo, hi = min(fit.x), max(fit.x)
+        ax.plot([lo, hi], [st["slope"] * lo + st["intercept"], st["slope"] * hi + st["intercept"]], color="tab:red",
+                label=f"slope {st['slope']:.3g}, rho {st['spearman_rho'] if st['spearman_rho'] is None else round(st['spearman_rho'], 2)}")
+    ax.axhline(0, color="grey", lw=0.6)
+    ax.set_xlabel(xlabel)
+    ax.legend(fontsize=7)
+
+
+def study_plots(result, out) -> dict[str, str]:
+    """The report's figures: overlap heatmaps, change vs both predictors, degradation, methods, training."""
+    from pathlib import Path
+
+    plt = _pyplot()
+    out = Path(out)
+    files = {"heatmap": "cosine_heatmap.png", "fit": "change_vs_overlap.png", "degradation": "degradation.png",
+             "methods": "methods.png", "training": "training_loss.png"}
+    heatmap(result.overlap["rms_cosine"], result.domains, out / files["heatmap"],
+            title="RMS cosine of single-domain LoRA deltas", force=True)
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
+    _fit_panel(axes[0][0], result.fits, "paper", "rms_cosine", "RMS cosine of the summed deltas")
+    _fit_panel(axes[0][1], result.fits, "paper", "function_overlap", "mean function overlap I(j -> i)")
+    _fit_panel(axes[1][0], result.fits, "fine", "rms_cosine", "RMS cosine of the block with the others")
+    _fit_panel(axes[1][1], result.fits, "fine", "function_overlap", "sum of I(j -> domain) of the others")
+    axes[0][0].set_ylabel("joint PPL change vs merged-data (%)")
+    axes[1][0].set_ylabel("own-domain PPL change vs single (%)")
+    fig.suptitle("Interference vs weight overlap (left) and function overlap (right)")
+    _save(fig, out / files["fit"], True)
+    plt.close(fig)
+    _degradation_plot(plt, result, out / files["degradation"])
+    _methods_plot(plt, result, out / files["methods"])
+    _training_plot(plt, result, out / files["training"])
+    return files
+
+
+def _degradation_plot(plt, result, path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    deg = result.degradation
+    ys = [d.pooled.value for d in deg]
+    err = [[d.pooled.value - d.pooled.low for d in deg], [d.pooled.high - d.pooled.value for d in deg]]
+    ax.errorbar([d.blocks for d in deg], ys, yerr=err, marker="o", capsize=3)
+    ax.axhline(0, color="grey", lw=0.6)
+    ax.set_xlabel("number of blocks in the sum")
+    ax.set_ylabel("own-domain PPL change vs single (%), 95 % CI")
+    ax.set_title("Degradation vs number of blocks")
+    ax.set_xticks([d.blocks for d in deg])
+    _save(fig, path, True)
+    plt.close(fig)
+
+
+def _methods_plot(plt, result, path) -> None:
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(result.subsets) + 3), 4))
+    methods = list(dict.fromkeys(m.method for m in result.methods))
+    subsets = ["+".join(s.domains) for s in result.subsets]
+    width = 0.8 / max(len(methods), 1)
+    for k, name in enumerate(methods):
+        rows = {"+".join(m.domains): m.vs_sum["joint"] for m in result.methods if m.method == name}
+        xs = [i + k * width for i, s in enumerate(subsets) if s in rows]
+        iv = [rows[s] for s in subsets if s in rows]
+        ax.bar(xs, [v.value for v in iv], width, label=name,
+               yerr=[[v.value - v.low for v in iv], [v.high - v.value for v in iv]], capsize=2)
+    ax.axhline(0, color="grey", lw=0.6)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(subsets))], subsets, rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("joint PPL change vs naive sum (%)")
+    ax.set_title("Composition methods vs the naive sum (negative: better)")
+    if methods:
+        ax.legend(fontsize=7)
+    _save(fig, path, True)
+    plt.close(fig)
+
+
+def _training_plot(plt, result, path) -> None:
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for t in result.training:
+        if t["loss_curve"]:
+            ax.plot([c.get("step", i) for i, c in enumerate(t["loss_curve"])], [c.get("loss") for c in t["loss_curve"]],
+                    label=f"{'+'.join(t['subset'])} (seed {t['seed']})", lw=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (answer tokens)")
+    ax.set_title("Training loss")
+    ax.legend(fontsize=6, ncol=2)
+    _save(fig, path, True)
     plt.close(fig)

@@ -1,16 +1,21 @@
-"""The study report: ``report.md``, PNG plots, ``results.json``, ``results.csv``, resolved config, versions."""
+"""The study report: ``report.md``, PNG plots, ``results.json``, ``results.csv``, resolved config, versions.
+
+Every change is shown with its 95 % paired-bootstrap interval, ``+4.3 % [+1.2, +7.5]``; the summary calls
+a difference real only when its interval excludes zero.
+"""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
-import json
 import math
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from lorablocks.files.outputs import atomic_file, write_json
+from lorablocks.study.analysis import StudyResult
+from lorablocks.study.stats import Interval
 
 __all__ = ["write_report", "REPORT_SECTIONS"]
 
@@ -21,9 +26,11 @@ REPORT_SECTIONS = [
     "## Perplexity per domain",
     "## Naive sum vs merged-data training",
     "## Overlap",
-    "## Change vs RMS cosine",
+    "## Change vs overlap",
+    "## Near and far domains",
     "## Degradation vs number of blocks",
     "## Unlearning",
+    "## Composition methods",
     "## Training",
     "## Reproduce",
 ]
@@ -32,265 +39,288 @@ REPORT_SECTIONS = [
 def _f(v: Any, digits: int = 2) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
-def _pct(v: Any) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:+.2f} %"
+def _ci(iv: Interval | None) -> str:
+    if iv is None or math.isnan(iv.value):
+        return "-"
+    return iv.format_pct() + (" *" if iv.excludes_zero else "")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def _mean_over_seeds(evaluations: list[dict], label: str, domain: str) -> float:
-    vals = [e["domains"][domain]["perplexity"] for e in evaluations if e["label"] == label and domain in e["domains"]]
-    return sum(vals) / len(vals) if vals else math.nan
+def _real(iv: Interval) -> str:
+    if iv.excludes_zero:
+        return "better" if iv.value < 0 else "worse"
+    return "no different (interval includes 0)"
 
 
-def _plots(result, out: Path) -> dict[str, str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from lorablocks.study.plots import _save, heatmap
-
-    files = {}
-    heatmap(result.overlap["rms_cosine"], result.domains, out / "cosine_heatmap.png",
-            title="RMS cosine of single-domain LoRA deltas", force=True)
-    files["heatmap"] = "cosine_heatmap.png"
-
-    fit = result.fit
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    xs = [p["rms_cosine"] for p in fit["points"]]
-    ys = [p["change_pct"] for p in fit["points"]]
-    ax.scatter(xs, ys, color="tab:blue", zorder=3)
-    for p in fit["points"]:
-        ax.annotate(p["subset"], (p["rms_cosine"], p["change_pct"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    if fit.get("slope") is not None:
-        lo, hi = min(xs), max(xs)
-        ax.plot([lo, hi], [fit["slope"] * lo + fit["intercept"], fit["slope"] * hi + fit["intercept"]],
-                color="tab:red", label=f"fit: slope {fit['slope']:.3g}, R² {fit['r2']:.2f}")
-        ax.legend(fontsize=8)
-    ax.axhline(0, color="grey", lw=0.6)
-    ax.set_xlabel("RMS cosine of the summed deltas")
-    ax.set_ylabel("joint PPL change vs merged-data LoRA (%)")
-    ax.set_title("Interference vs overlap")
-    _save(fig, out / "change_vs_cosine.png", True)
-    plt.close(fig)
-    files["fit"] = "change_vs_cosine.png"
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    deg = result.degradation
-    ax.errorbar([d["blocks"] for d in deg], [d["mean_change_vs_single_pct"] for d in deg],
-                yerr=[d["sd"] for d in deg], marker="o", capsize=3)
-    ax.set_xlabel("number of blocks in the sum")
-    ax.set_ylabel("own-domain PPL change vs single adapter (%)")
-    ax.set_title("Degradation vs number of blocks")
-    ax.set_xticks([d["blocks"] for d in deg])
-    _save(fig, out / "degradation.png", True)
-    plt.close(fig)
-    files["degradation"] = "degradation.png"
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for t in result.training:
-        curve = t["loss_curve"]
-        if curve:
-            steps = [c.get("step", i) for i, c in enumerate(curve)]
-            losses = [c.get("loss") for c in curve]
-            ax.plot(steps, losses, label=f"{'+'.join(t['subset'])} (seed {t['seed']})", lw=1)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (answer tokens)")
-    ax.set_title("Training loss")
-    ax.legend(fontsize=6, ncol=2)
-    _save(fig, out / "training_loss.png", True)
-    plt.close(fig)
-    files["training"] = "training_loss.png"
-    return files
+# ------------------------------------------------------------------------------------------- summary
 
 
-def _summary(result) -> list[str]:
-    """A few sentences computed from the numbers: when naive summation worked here, when not, and why."""
+def _summary_changes(r: StudyResult) -> list[str]:
     lines = []
-    merged = [s for s in result.subsets if s["has_merged"]]
-    if merged:
-        ch = [s["change_vs_merged_pct"]["joint"] for s in merged]
-        better = [("+".join(s["domains"])) for s, c in zip(merged, ch) if c < 0]
-        lines.append(
-            f"- Naive sum vs merged-data LoRA (joint perplexity): {min(ch):+.2f} % to {max(ch):+.2f} % over "
-            f"{len(ch)} subsets; the sum was better on {len(better)} ({', '.join(better) or 'none'})."
-        )
-    n = len(result.domains)
-    off = [result.overlap["rms_cosine"][i][j] for i in range(n) for j in range(i + 1, n)]
-    off = [v for v in off if v is not None and not math.isnan(v)]
-    if off:
-        lines.append(f"- Overlap: pairwise RMS cosine of the single-domain deltas {min(off):.3f} to {max(off):.3f} "
-                     "(1 = same direction, 0 = orthogonal).")
-    fit = result.fit
-    if fit.get("slope") is not None:
-        caution = " Too few points to be conclusive." if fit["n"] < 6 else ""
-        lines.append(f"- Change vs RMS cosine over {fit['n']} points: slope {fit['slope']:.3g} % per unit cosine, "
-                     f"Pearson r {_f(fit['pearson_r'], 2)}, Spearman rho {_f(fit['spearman_rho'], 2)}.{caution}")
-    deg = [d for d in result.degradation if d["blocks"] >= 2]
+    paper = [s for s in r.subsets if s.vs_merged is not None]
+    if paper:
+        worse = sum(s.vs_merged["joint"].excludes_zero and s.vs_merged["joint"].value > 0 for s in paper)
+        better = sum(s.vs_merged["joint"].excludes_zero and s.vs_merged["joint"].value < 0 for s in paper)
+        lines.append(f"- Naive sum vs merged-data LoRA (joint perplexity) over {len(paper)} subsets: "
+                     f"{min(s.vs_merged['joint'].value for s in paper):+.1f} % to "
+                     f"{max(s.vs_merged['joint'].value for s in paper):+.1f} %; really worse on {worse}, really "
+                     f"better on {better}, no different on {len(paper) - worse - better} (95 % intervals).")
+    deg = [d for d in r.degradation if d.blocks >= 2]
     if deg:
-        means = [d["mean_change_vs_single_pct"] for d in deg]
-        trend = ("grows with" if all(b > a for a, b in zip(means, means[1:])) and means[0] > 0
-                 else "does not grow steadily with")
-        lines.append(f"- Interference {trend} the number of blocks: own-domain perplexity vs the single adapter "
-                     + ", ".join(f"{_pct(d['mean_change_vs_single_pct'])} with {d['blocks']}" for d in deg) + ".")
-    if result.unlearning:
-        vb = [u["forgotten_vs_base_pct"] for u in result.unlearning]
-        diff = max(u["max_delta_rel_diff_vs_sum_without"] for u in result.unlearning)
-        lines.append(f"- Unlearning: after subtracting a block its domain's perplexity is {min(vb):+.2f} % to "
-                     f"{max(vb):+.2f} % from the base model's; the subtracted delta equals the sum built without "
-                     f"the block to {diff:.1e} (relative).")
+        lines.append("- Own-domain perplexity vs the single block, pooled over sums of each size: "
+                     + "; ".join(f"{d.blocks} blocks {_ci(d.pooled)}" for d in deg) + ".")
     return lines
 
 
-def _finite(obj: Any) -> Any:
-    """NaN/inf become null so that results.json is strict JSON."""
+def _summary_predictors(r: StudyResult) -> list[str]:
+    lines = []
+    for fit in r.fits:
+        st = fit.stats
+        if st.get("slope") is None:
+            continue
+        lines.append(f"- {fit.level} fit vs {fit.predictor} ({st['n']} points): Spearman rho {_f(st['spearman_rho'])}, "
+                     f"Pearson r {_f(st['pearson_r'])} (permutation p {_f(st['permutation_p'], 3)}), slope "
+                     f"{st['slope']:.3g} [{st['slope_ci'][0]:.3g}, {st['slope_ci'][1]:.3g}].")
+    for name, iv in r.comparisons.items():
+        verdict = ("function overlap predicts better" if iv.excludes_zero and iv.value > 0 else
+                   "RMS cosine predicts better" if iv.excludes_zero else "neither predicts clearly better")
+        lines.append(f"- {name}: {iv.value:+.2f} [{iv.low:+.2f}, {iv.high:+.2f}]: {verdict}.")
+    near = [p for p in r.pairs if p.near]
+    if near:
+        far = [p for p in r.pairs if not p.near]
+        for p in near:
+            rank = 1 + sum(q.rms_cosine > p.rms_cosine for q in far)
+            lines.append(f"- Near pair {p.a}+{p.b}: RMS cosine {p.rms_cosine:.4f} (rank {rank} of {len(far) + 1} pairs), "
+                         f"function overlap {_f(p.function_overlap, 4)}, mean own-domain change in their sum "
+                         f"{_f(p.mean_change_vs_single, 1)} % (far pairs: "
+                         f"{_f(_mean([q.mean_change_vs_single for q in far]), 1)} % on average).")
+    return lines
+
+
+def _summary_rest(r: StudyResult) -> list[str]:
+    lines = []
+    if r.unlearning:
+        lines.append("- Unlearning: the forgotten domain vs the base model "
+                     + "; ".join(f"{u.domain} {_ci(u.vs_base)}" for u in r.unlearning)
+                     + f"; the subtracted delta equals the sum built without the block to "
+                     f"{max(u.delta_rel_diff for u in r.unlearning):.1e} (relative).")
+    for label in dict.fromkeys(m.method for m in r.methods):
+        rows = [m for m in r.methods if m.method == label]
+        wins = [("+".join(m.domains), m.vs_sum["joint"]) for m in rows if m.vs_sum["joint"].excludes_zero and m.vs_sum["joint"].value < 0]
+        losses = sum(m.vs_sum["joint"].excludes_zero and m.vs_sum["joint"].value > 0 for m in rows)
+        best = min(rows, key=lambda m: m.vs_sum["joint"].value)
+        lines.append(f"- {label} vs the naive sum (joint): really better on {len(wins)} of {len(rows)} subsets"
+                     + (f" ({', '.join(f'{s} {iv.format_pct()}' for s, iv in wins)})" if wins else "")
+                     + f", really worse on {losses}; best {'+'.join(best.domains)} {best.vs_sum['joint'].format_pct()}.")
+    return lines
+
+
+def _mean(values) -> float:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+# ------------------------------------------------------------------------------------------- sections
+
+
+def _setup(r: StudyResult) -> list[str]:
+    cfg, t = r.config, r.timings
+    return ["## Setup", "",
+            f"- model: `{cfg['model']}`; domains: {', '.join(r.domains)}; seeds: {cfg['seeds']}",
+            f"- LoRA: rank {cfg['lora']['r']}, alpha {cfg['lora']['alpha']}, targets {cfg['lora']['targets'] or 'model preset'}",
+            f"- training: {cfg['train']['steps_per_domain']} optimizer steps per domain (a merged-data adapter of k "
+            f"domains gets k times as many, domains balanced), batch {cfg['train']['batch_size']}, learning rate "
+            f"{cfg['train']['learning_rate']}, max length {cfg['train']['max_length']}",
+            f"- evaluation: `{cfg['eval']['split']}` split, {cfg['eval']['limit'] or 'all'} examples per domain, max length "
+            f"{cfg['eval']['max_length']}; perplexity = exp(total answer-token NLL / answer tokens); joint perplexity pools "
+            "the same number of examples from each domain; a sum is scored on its own domains, the base model, the "
+            "singles and the unlearned sums on all",
+            f"- intervals: 95 % paired bootstrap over test examples ({cfg['analysis']['bootstrap_resamples']} resamples, "
+            "stratified by domain and seed); `*` marks an interval that excludes 0",
+            f"- compute: training {t.get('training_compute_s', 0) / 60:.1f} min, evaluation "
+            f"{t.get('evaluation_compute_s', 0) / 60:.1f} min in all (this invocation {t.get('total_s', 0) / 60:.1f} min)", ""]
+
+
+def _perplexities(r: StudyResult) -> list[str]:
+    labels = list(dict.fromkeys(e["label"] for e in r.evaluations))
+
+    def cell(label: str, d: str) -> str:
+        vals = [e["domains"][d]["perplexity"] for e in r.evaluations if e["label"] == label and d in e["domains"]]
+        return _f(sum(vals) / len(vals)) if vals else ""
+    rows = [[f"`{lab}`", *[cell(lab, d) for d in r.domains]] for lab in labels]
+    return ["## Perplexity per domain", "", "Mean over seeds; blank: not scored on that domain. Lower is better.", "",
+            _table(["model", *r.domains], rows), ""]
+
+
+def _vs_merged(r: StudyResult) -> list[str]:
+    md = ["## Naive sum vs merged-data training", "",
+          "`100 * (PPL_sum - PPL_merged) / PPL_merged`; negative: the sum is better. Paper (GPT-2 Small): "
+          "Math+Medicine -9.10 %, Math+Finance +4.54 %, Finance+Medicine +27.56 %.", ""]
+    rows = [["+".join(s.domains), _f(s.rms_cosine, 4), _f(s.function_overlap, 4), _f(s.ppl_sum["joint"]),
+             _f(s.ppl_merged["joint"]), _ci(s.vs_merged["joint"]),
+             "; ".join(f"{d} {_ci(s.vs_merged[d])}" for d in s.domains),
+             _f(s.seed_sd_vs_merged), "-" if s.paper_change_pct is None else f"{s.paper_change_pct:+.2f} %"]
+            for s in r.subsets if s.vs_merged is not None]
+    md += [_table(["subset", "RMS cos", "function overlap", "PPL sum", "PPL merged", "change (joint)",
+                   "change per domain", "sd over seeds", "paper"], rows), ""]
+    rows = [["+".join(s.domains), "; ".join(f"{d} {_ci(iv)}" for d, iv in s.vs_single.items())] for s in r.subsets]
+    return md + ["Each sum on each of its domains vs that domain's single block:", "",
+                 _table(["subset", "change vs single block"], rows), ""]
+
+
+def _overlap_section(r: StudyResult, files: dict) -> list[str]:
+    ov, doms = r.overlap, r.domains
+    md = ["## Overlap", "", f"![cosine heatmap]({files['heatmap']})", "",
+          "Weight overlap: RMS cosine (signed mean cosine) of the single-domain deltas over common modules:", "",
+          _table(["", *doms], [[d, *[f"{_f(ov['rms_cosine'][i][j], 4)} ({_f(ov['mean_cosine'][i][j], 4)})"
+                                     for j in range(len(doms))]] for i, d in enumerate(doms)]), ""]
+    if "interference" in ov:
+        md += ["Function overlap I(row -> column): the row block's output energy on the column domain's inputs, "
+               "relative to the column's own block (base-model inputs, validation examples):", "",
+               _table(["block \\ inputs of", *doms], [[d, *[_f(ov["interference"][i][j], 4) for j in range(len(doms))]]
+                                                      for i, d in enumerate(doms)]), ""]
+    return md
+
+
+def _fits_section(r: StudyResult, files: dict) -> list[str]:
+    md = ["## Change vs overlap", "", f"![change vs overlap]({files['fit']})", "",
+          "Paper level: joint change of each sum vs its merged-data adapter, one point per subset and seed. Fine "
+          "level: each domain's change in each sum vs its single block, one point per sum, domain and seed.", ""]
+    rows = []
+    for fit in r.fits:
+        st = fit.stats
+        rows.append([fit.level, fit.predictor, str(st["n"]),
+                     "-" if st["slope"] is None else f"{st['slope']:.3g} [{st['slope_ci'][0]:.3g}, {st['slope_ci'][1]:.3g}]",
+                     _f(st["pearson_r"], 3), _f(st["permutation_p"], 4), _f(st["r2"], 3), _f(st["spearman_rho"], 3)])
+    md += [_table(["level", "predictor", "points", "slope [95 %]", "Pearson r", "permutation p", "R^2", "Spearman rho"], rows), ""]
+    for name, iv in r.comparisons.items():
+        md += [f"{name}: {iv.value:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}] (bootstrap over points).", ""]
+    md += ["Fine points:", "", _table(["sum", "domain", "seed", "change vs single", "RMS cos", "mean cos", "function overlap"],
+                                      [["+".join(p.subset), p.domain, str(p.seed), _ci(p.change), _f(p.weight_rms, 4),
+                                        _f(p.weight_mean, 4), _f(p.function, 4)] for p in r.fine]), ""]
+    return md
+
+
+def _pairs_section(r: StudyResult) -> list[str]:
+    rows = [[f"{p.a}+{p.b}", "near" if p.near else "", _f(p.rms_cosine, 4), _f(p.mean_cosine, 4),
+             _f(p.function_overlap, 4), _f(p.mean_change_vs_single, 2)]
+            for p in sorted(r.pairs, key=lambda p: -p.rms_cosine)]
+    return ["## Near and far domains", "", "Pairs by RMS cosine (highest first); the last column is the mean "
+            "own-domain change (%) of the pair's sum vs the single blocks.", "",
+            _table(["pair", "", "RMS cos", "mean cos", "function overlap", "change in their sum"], rows), ""]
+
+
+def _degradation_section(r: StudyResult, files: dict) -> list[str]:
+    rows = [[str(d.blocks), _ci(d.pooled), _f(d.mean), _f(d.worst), str(d.n)] for d in r.degradation]
+    return ["## Degradation vs number of blocks", "", f"![degradation]({files['degradation']})", "",
+            "Own-domain perplexity change of a sum vs each domain's single block, pooled over all sums of that size:", "",
+            _table(["blocks", "pooled change [95 %]", "mean of points", "worst point", "points"], rows), ""]
+
+
+def _unlearning_section(r: StudyResult) -> list[str]:
+    rows = [[u.domain, _f(u.ppl["base"]), _f(u.ppl["sum_all"]), _f(u.ppl["unlearned"]),
+             f"{u.ppl['max_rel_diff_vs_sum_without']:.1e}",
+             _ci(u.vs_sum_all), _ci(u.vs_base), "; ".join(f"{e} {_ci(iv)}" for e, iv in u.others_vs_sum_all.items()),
+             f"{u.delta_rel_diff:.1e}"] for u in r.unlearning]
+    return ["## Unlearning", "", "From the sum of all blocks subtract one. Its domain's perplexity should return to "
+            "the base model's, the others should stay; the subtracted delta must equal the sum built without it (last "
+            "column, relative Frobenius difference), and so must the perplexities on the other domains (fifth column).", "",
+            _table(["forgotten", "PPL base", "PPL sum of all", "PPL after", "others: PPL vs sum without it", "after vs sum of all",
+                    "after vs base", "others vs sum of all", "delta vs sum without"], rows), ""]
+
+
+def _methods_section(r: StudyResult, files: dict) -> list[str]:
+    if not r.methods:
+        return ["## Composition methods", "", "Only the naive sum was evaluated (`methods` in the config adds others).", ""]
+    rows = [[m.method, "+".join(m.domains), _ci(m.vs_sum["joint"]), _ci(m.vs_merged["joint"]) if m.vs_merged else "-",
+             "; ".join(f"{d} {_ci(m.vs_sum[d])}" for d in m.domains)] for m in r.methods]
+    md = ["## Composition methods", "", f"![methods]({files['methods']})", "",
+          "Each method's combination vs the naive sum and vs the merged-data adapter (negative: better):", "",
+          _table(["method", "subset", "vs sum (joint)", "vs merged (joint)", "vs sum per domain"], rows), ""]
+    fitted = [m for m in r.methods if m.fit]
+    if fitted:
+        md += [_table(["method", "subset", "held-out loss start", "held-out loss best", "improved"],
+                      [[m.method, "+".join(m.domains), _f(m.fit["heldout_loss_start"], 4), _f(m.fit["heldout_loss_best"], 4),
+                        str(m.fit["improved"])] for m in fitted]), ""]
+    return md
+
+
+def _training_section(r: StudyResult, files: dict) -> list[str]:
+    rows = [["+".join(t["subset"]), str(t["seed"]), str(len(t["loss_curve"])), str(t.get("precision") or "-"),
+             _f(t["loss_curve"][0].get("loss"), 3) if t["loss_curve"] else "-",
+             _f(t["loss_curve"][-1].get("loss"), 3) if t["loss_curve"] else "-",
+             " -> ".join(_f(v.get("loss"), 3) for v in t["validation"]) or "-"] for t in r.training]
+    return ["## Training", "", f"![training loss]({files['training']})", "",
+            _table(["adapter", "seed", "steps", "precision", "first loss", "last loss", "validation loss"], rows), ""]
+
+
+# ------------------------------------------------------------------------------------------- files
+
+
+def _jsonable(obj: Any) -> Any:
+    """Dataclasses, intervals and tuples as JSON; NaN/inf as null."""
+    if isinstance(obj, Interval):
+        return _jsonable(obj.to_dict())
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {str(k): _finite(v) for k, v in obj.items()}
+        return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [_jsonable(v) for v in obj]
     return obj
 
 
-def _csv_rows(result) -> list[dict[str, Any]]:
-    rows = []
-    for e in result.evaluations:
-        for d, s in e["domains"].items():
-            rows.append({"model": e["label"], "kind": e["kind"], "seed": e["seed"], "subset": "+".join(e["subset"]),
-                         "domain": d, "perplexity": s["perplexity"], "nll": s["nll"], "tokens": s["tokens"],
-                         "examples": s["examples"]})
-    return rows
-
-
-def write_report(result, out: str | Path, command: str = "") -> Path:
-    """Write every report file into ``out`` (each atomically; the cache stays)."""
-    import yaml
-
-    out = Path(out)
-    files = _plots(result, out)
-    cfg = result.config
-    doms = result.domains
-    md: list[str] = ["# Naive LoRA summation study", ""]
-    md += ["Reproduces the experiment of arXiv 2508.11985 (Cao, Truong, Lizarraga, 2025): one LoRA adapter per "
-           "domain, their exact sum compared with a LoRA trained on the merged data, overlap (cosine) as a "
-           "predictor of interference, and unlearning by subtraction.", ""]
-
-    md += ["## Summary", "", *_summary(result), ""]
-    md += ["## Setup", ""]
-    md += [f"- model: `{cfg['model']}`; domains: {', '.join(doms)}; seeds: {cfg['seeds']}",
-           f"- LoRA: rank {cfg['lora']['r']}, alpha {cfg['lora']['alpha']}, dropout {cfg['lora']['dropout']}, "
-           f"targets {cfg['lora']['targets'] or 'model preset'}",
-           f"- training: {cfg['train']['steps_per_domain']} optimizer steps per domain (a merged-data adapter of k "
-           f"domains gets k times as many, domains balanced), batch {cfg['train']['batch_size']}, learning rate "
-           f"{cfg['train']['learning_rate']}, max length {cfg['train']['max_length']}",
-           f"- evaluation: `{cfg['eval']['split']}` split, {cfg['eval']['limit'] or 'all'} examples per domain, "
-           f"max length {cfg['eval']['max_length']}; perplexity = exp(total answer-token NLL / answer tokens); joint "
-           "perplexity pools the same number of examples from each domain",
-           f"- compute: training {result.timings.get('training_compute_s', 0) / 60:.1f} min, evaluation "
-           f"{result.timings.get('evaluation_compute_s', 0) / 60:.1f} min in all (this invocation: training "
-           f"{result.timings.get('training_s', 0) / 60:.1f} min, evaluation "
-           f"{result.timings.get('evaluation_s', 0) / 60:.1f} min; cached stages cost nothing)", ""]
-
-    md += ["## Perplexity per domain", "", "Mean over seeds. Lower is better.", ""]
-    labels = []
-    for e in result.evaluations:
-        if e["label"] not in labels:
-            labels.append(e["label"])
-    rows = [[f"`{lab}`", *[_f(_mean_over_seeds(result.evaluations, lab, d)) for d in doms]] for lab in labels]
-    md += [_table(["model", *doms], rows), ""]
-
-    md += ["## Naive sum vs merged-data training", "",
-           "Change of the naive sum's perplexity vs the LoRA trained on the merged data of the same domains: "
-           "`100 * (PPL_sum - PPL_merged) / PPL_merged`. Negative: the sum is better. Paper (GPT-2 Small): "
-           "Math+Medicine -9.10 %, Math+Finance +4.54 %, Finance+Medicine +27.56 %.", ""]
-    rows = []
-    for s in result.subsets:
-        if not s["has_merged"]:
-            continue
-        ch = s["change_vs_merged_pct"]
-        rows.append(["+".join(s["domains"]), _f(s["rms_cosine"], 4), _f(s["mean_cosine"], 4),
-                     _f(s["sum"]["joint"]), _f(s["merged"]["joint"]), _pct(ch["joint"]),
-                     ", ".join(f"{d} {_pct(ch[d])}" for d in s["domains"]),
-                     _pct(s["paper_change_pct"])])
-    md += [_table(["subset", "RMS cos", "mean cos", "PPL sum (joint)", "PPL merged (joint)", "change (joint)",
-                   "change per domain", "paper"], rows), ""]
-    rows = [["+".join(s["domains"]), ", ".join(f"{d} {_pct(v)}" for d, v in s["change_vs_single_pct"].items())]
-            for s in result.subsets]
-    md += ["Change of each sum's perplexity on each of its domains vs that domain's single adapter:", "",
-           _table(["subset", "change vs single adapter"], rows), ""]
-
-    md += ["## Overlap", "", f"![cosine heatmap]({files['heatmap']})", "",
-           "RMS cosine (signed mean cosine) between the single-domain deltas, over their common modules:", ""]
-    ov = result.overlap
-    rows = [[d, *[f"{_f(ov['rms_cosine'][i][j], 4)} ({_f(ov['mean_cosine'][i][j], 4)})" for j in range(len(doms))]]
-            for i, d in enumerate(doms)]
-    md += [_table(["", *doms], rows), ""]
-
-    fit = result.fit
-    md += ["## Change vs RMS cosine", "", f"![change vs cosine]({files['fit']})", ""]
-    if fit.get("slope") is not None:
-        md += [f"Least-squares fit over {fit['n']} points: change = {_f(fit['slope'], 3)} x RMS cosine "
-               f"{fit['intercept']:+.3f}; Pearson r {_f(fit['pearson_r'], 3)}, R^2 {_f(fit['r2'], 3)}, "
-               f"Spearman rho {_f(fit['spearman_rho'], 3)}.", ""]
-    else:
-        md += [f"Too few distinct points ({fit['n']}) for a fit.", ""]
-    md += [_table(["subset", "seed", "RMS cosine", "joint change vs merged"],
-                  [[p["subset"], str(p["seed"]), _f(p["rms_cosine"], 4), _pct(p["change_pct"])] for p in fit["points"]]), ""]
-
-    md += ["## Degradation vs number of blocks", "", f"![degradation]({files['degradation']})", "",
-           "Own-domain perplexity change of a sum vs each domain's single adapter, over all sums of that size:", ""]
-    md += [_table(["blocks", "mean change", "sd", "worst", "n"],
-                  [[str(d["blocks"]), _pct(d["mean_change_vs_single_pct"]), _f(d["sd"]),
-                    _pct(d["max_change_vs_single_pct"]), str(d["n"])] for d in result.degradation]), ""]
-
-    md += ["## Unlearning", "",
-           "From the sum of all blocks subtract one. The forgotten domain's perplexity should rise back to the "
-           "base model's (or above, where the remaining blocks interfere with it), the others should stay; the "
-           "subtracted delta must equal the sum built without it (relative Frobenius difference, float error).", ""]
-    rows = []
-    for u in result.unlearning:
-        f = u["forgotten"]
-        rows.append([u["domain"], _f(f["base"]), _f(f["sum_all"]), _f(f["unlearned"]), _f(f["sum_without"]),
-                     _pct(u["forgotten_vs_sum_all_pct"]), _pct(u["forgotten_vs_base_pct"]),
-                     ", ".join(f"{e} {_pct(v)}" for e, v in u["others_change_pct"].items()),
-                     f"{u['max_delta_rel_diff_vs_sum_without']:.1e}"])
-    md += [_table(["forgotten", "PPL base", "PPL sum of all", "PPL after subtracting", "PPL sum without it",
-                   "after vs sum of all", "after vs base", "others vs sum of all", "delta vs sum without (rel. diff)"],
-                  rows), ""]
-
-    md += ["## Training", "", f"![training loss]({files['training']})", ""]
-    md += [_table(["adapter", "seed", "steps", "first loss", "last loss"],
-                  [["+".join(t["subset"]), str(t["seed"]), str(len(t["loss_curve"])),
-                    _f(t["loss_curve"][0].get("loss"), 3) if t["loss_curve"] else "-",
-                    _f(t["loss_curve"][-1].get("loss"), 3) if t["loss_curve"] else "-"] for t in result.training]), ""]
-
-    md += ["## Reproduce", "", "```", command or "lorablocks study ...", "```", "",
-           "The exact configuration is in `config.yaml`, library versions in `versions.json`, all numbers in "
-           "`results.json` and `results.csv`.", ""]
-    md += ["Versions: " + ", ".join(f"{k} {v}" for k, v in result.versions.items()), ""]
-
-    with atomic_file(out / "report.md", force=True) as fh:
-        fh.write("\n".join(md))
-    payload = _finite(asdict(result))
-    write_json(out / "results.json", payload, force=True)
+def _csv(r: StudyResult) -> str:
+    rows = [{"model": e["label"], "kind": e["kind"], "seed": e["seed"], "subset": "+".join(e["subset"]), "domain": d,
+             "perplexity": s["perplexity"], "nll": s["nll"], "tokens": s["tokens"], "examples": s["examples"],
+             "comparison": "", "change_pct": "", "ci_low": "", "ci_high": ""}
+            for e in r.evaluations for d, s in e["domains"].items()]
+    for s in r.subsets:
+        for what, ivs in (("vs_merged", s.vs_merged or {}), ("vs_single", s.vs_single)):
+            rows += [{"model": f"sum:{'+'.join(s.domains)}", "kind": "change", "seed": "", "subset": "+".join(s.domains),
+                      "domain": d, "perplexity": "", "nll": "", "tokens": "", "examples": "", "comparison": what,
+                      "change_pct": iv.value, "ci_low": iv.low, "ci_high": iv.high} for d, iv in ivs.items()]
     buf = io.StringIO()
-    rows = _csv_rows(result)
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["model"])
     writer.writeheader()
     writer.writerows(rows)
+    return buf.getvalue()
+
+
+def write_report(result: StudyResult, out: str | Path, command: str = "") -> Path:
+    """Write every report file into ``out`` (each atomically; the cache stays)."""
+    import yaml
+
+    from lorablocks.study.plots import study_plots
+
+    out = Path(out)
+    files = study_plots(result, out)
+    md = ["# Naive LoRA summation study", "",
+          "Reproduces and extends the experiment of arXiv 2508.11985 (Cao, Truong, Lizarraga, 2025): one LoRA "
+          "adapter per domain, their exact sum compared with a LoRA trained on the merged data, overlap as a "
+          "predictor of interference, unlearning by subtraction, and composition methods beyond the sum.", "",
+          "## Summary", "", *_summary_changes(result), *_summary_predictors(result), *_summary_rest(result), ""]
+    md += _setup(result) + _perplexities(result) + _vs_merged(result) + _overlap_section(result, files)
+    md += _fits_section(result, files) + _pairs_section(result) + _degradation_section(result, files)
+    md += _unlearning_section(result) + _methods_section(result, files) + _training_section(result, files)
+    md += ["## Reproduce", "", "```", command or "lorablocks study ...", "```", "",
+           "The exact configuration is in `config.yaml`, library versions in `versions.json`, all numbers with their "
+           "intervals in `results.json` and `results.csv`; trained adapters in `adapters/`.", "",
+           "Versions: " + ", ".join(f"{k} {v}" for k, v in result.versions.items()), ""]
+    with atomic_file(out / "report.md", force=True) as fh:
+        fh.write("\n".join(md))
+    write_json(out / "results.json", _jsonable(result), force=True)
     with atomic_file(out / "results.csv", force=True) as fh:
-        fh.write(buf.getvalue())
+        fh.write(_csv(result))
     with atomic_file(out / "config.yaml", force=True) as fh:
         yaml.safe_dump(result.config, fh, sort_keys=False)
     write_json(out / "versions.json", result.versions, force=True)
