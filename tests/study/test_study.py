@@ -229,3 +229,25 @@ def test_presets_validate():
         cfg = load_config(preset=preset)
         assert cfg.domains == ["math", "medicine", "finance"]
     assert load_config(preset="paper").seeds == [0, 1, 2]
+
+
+def test_methods_are_evaluated_beside_the_sum(setup, tmp_path):
+    root, _ = setup
+    cfg = yaml.safe_load((root / "study.yaml").read_text())
+    cfg["domains"] = ["math", "words"]
+    cfg["methods"] = [{"name": "ties", "params": {"density": 0.5}}, {"name": "learned", "params": {"steps": 2, "limit": 4}}]
+    path = tmp_path / "methods.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    assert _run(["study", path, "--data", root / "data", "--out", out, "--threads", "1"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    methods = {m["method"]: m for m in res["methods"]}
+    assert set(methods) == {"ties(density=0.5)", "learned(limit=4,steps=2)"}
+    for m in methods.values():
+        iv = m["vs_sum"]["joint"]
+        assert iv["low"] <= iv["value"] <= iv["high"] and m["vs_merged"] is not None
+    assert methods["ties(density=0.5)"]["vs_sum"]["joint"]["value"] != 0  # ties is not the sum
+    fit = methods["learned(limit=4,steps=2)"]["fit"]
+    assert fit["heldout_loss_best"] <= fit["heldout_loss_start"]
+    report = (out / "report.md").read_text()
+    assert "ties(density=0.5)" in report and (out / "methods.png").is_file()
