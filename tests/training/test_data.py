@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
+from lorablocks.training.hub_data import HUB_CONVERTERS
 from lorablocks.training.data import (
     Example,
-    HUB_CONVERTERS,
     TokenizedExample,
     bucket_by_tokens,
     collate,

@@ -287,6 +287,6 @@ def default_targets(model: Any, targets: Sequence[str] | None = None) -> list[st
     if model_type in TARGET_PRESETS:
         return list(TARGET_PRESETS[model_type])
     raise ModelError(
-        f"no target-module preset for model type {model_type!r}; pass --targets (e.g. q_proj,v_proj); "
-        f"presets exist for {', '.join(sorted(TARGET_PRESETS))}"
+        f"no target-module preset for model type {model_type!r}; name the targets (e.g. q_proj,v_proj); "
+        f"presets exist for {', '.join(sorted(TARGET_PRESETS))}", setting="targets"
     )

@@ -37,9 +37,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +49,6 @@ from lorablocks.files.outputs import sha256_path
 
 __all__ = [
     "SPLITS",
-    "HUB_CONVERTERS",
     "Example",
     "Domain",
     "TokenizedExample",
@@ -141,72 +138,6 @@ def read_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[Exampl
 # --------------------------------------------------------------------------------------------- domains
 
 
-def _key(row: Mapping[str, Any], *names: str) -> Any:
-    lower = {k.lower(): v for k, v in row.items()}
-    for n in names:
-        if n.lower() in lower:
-            return lower[n.lower()]
-    raise DataError(f"hub row has none of the fields {names}; fields: {sorted(row)}")
-
-
-def _gsm8k(row: Mapping[str, Any], i: int) -> Example:
-    answer = re.sub(r"<<[^>]*>>", "", str(row["answer"]))
-    answer = re.sub(r"\n?####\s*(.+)\s*$", lambda m: f"\nThe answer is {m.group(1).strip()}.", answer)
-    return Example(id=f"gsm8k-{i}", question=" ".join(str(row["question"]).split()), answer=answer.strip())
-
-
-def _medquad(row: Mapping[str, Any], i: int) -> Example:
-    return Example(
-        id=f"medquad-{i}", question=" ".join(str(_key(row, "Question")).split()), answer=str(_key(row, "Answer"))
-    )
-
-
-def _finqa(row: Mapping[str, Any], i: int) -> Example:
-    context = row.get("context") or row.get("Context")
-    return Example(
-        id=f"finqa10k-{i}",
-        question=" ".join(str(_key(row, "question")).split()),
-        answer=str(_key(row, "answer")),
-        context=str(context) if context else None,
-    )
-
-
-def _mbpp(row: Mapping[str, Any], i: int) -> Example:
-    return Example(id=f"mbpp-{row.get('task_id', i)}", question=str(_key(row, "text", "prompt")), answer=str(row["code"]))
-
-
-def _pubmedqa(row: Mapping[str, Any], i: int) -> Example:
-    ctx = row.get("context")
-    if isinstance(ctx, Mapping):
-        ctx = " ".join(ctx.get("contexts", []))
-    return Example(
-        id=f"pubmedqa-{row.get('pubid', i)}", question=str(row["question"]), answer=str(row["long_answer"]),
-        context=str(ctx) if ctx else None,
-    )
-
-
-@dataclass(frozen=True)
-class HubConverter:
-    """How to turn one public hub dataset into the domain schema."""
-
-    dataset: str
-    subset: str | None
-    convert: Callable[[Mapping[str, Any], int], Example]
-    #: hub split names that exist; missing ones are carved deterministically (seed 0) from the first
-    hub_splits: tuple[str, ...] = ("train",)
-    #: fractions (validation, test) carved from the first split when the hub has only one
-    carve: tuple[float, float] = (0.1, 0.1)
-
-
-HUB_CONVERTERS: dict[str, HubConverter] = {
-    "gsm8k": HubConverter("openai/gsm8k", "main", _gsm8k, ("train", "test"), (0.067, 0.0)),
-    "medquad": HubConverter("keivalya/MedQuad-MedicalQnADataset", None, _medquad),
-    "financial-qa-10k": HubConverter("virattt/financial-qa-10K", None, _finqa),
-    "mbpp": HubConverter("google-research-datasets/mbpp", "full", _mbpp, ("train", "validation", "test")),
-    "pubmedqa": HubConverter("qiaojin/PubMedQA", "pqa_labeled", _pubmedqa, ("train",), (0.05, 0.5)),
-}
-
-
 @dataclass
 class Domain:
     """A named source of examples for each split: a folder, one JSONL file, or a hub converter."""
@@ -229,7 +160,7 @@ class Domain:
     def load(self, split: str, limit: int | None = None) -> list[Example]:
         """The examples of ``split`` (the first ``limit`` of them if given)."""
         if limit is not None and limit < 1:
-            raise DataError(f"--limit must be a positive integer, got {limit}")
+            raise DataError(f"limit must be a positive integer, got {limit}", setting="limit")
         path = self.path(split)
         if path is not None:
             return read_jsonl(path, limit)
@@ -245,45 +176,16 @@ class Domain:
             return sha256_path(path)
         import hashlib
 
+        from lorablocks.training.hub_data import HUB_CONVERTERS
+
         return hashlib.sha256(f"hub:{HUB_CONVERTERS[self.source].dataset}:{split}".encode()).hexdigest()
 
     def _hub_split(self, split: str) -> list[Example]:
         if split not in self._hub_cache:
-            self._hub_cache.update(_load_hub(self.source))
+            from lorablocks.training.hub_data import load_hub
+
+            self._hub_cache.update(load_hub(self.source))
         return self._hub_cache[split]
-
-
-def _load_hub(name: str) -> dict[str, list[Example]]:
-    conv = HUB_CONVERTERS[name]
-    try:
-        import datasets  # optional dependency
-    except ImportError:
-        raise DataError(
-            f"hub dataset {name!r} needs the optional 'datasets' package and the network "
-            "(pip install datasets); offline, use a local domain folder such as ../shared/data/math"
-        ) from None
-    try:
-        raw = datasets.load_dataset(conv.dataset, conv.subset)
-    except Exception as exc:
-        raise DataError(
-            f"could not download hub dataset {conv.dataset} ({type(exc).__name__}); it needs the network. "
-            "Offline, use a local domain folder such as ../shared/data/math"
-        ) from None
-    out: dict[str, list[Example]] = {}
-    for split in conv.hub_splits:
-        rows = [conv.convert(row, i) for i, row in enumerate(raw[split])]
-        random.Random(0).shuffle(rows)
-        out[split] = rows
-    first = out[conv.hub_splits[0]]
-    n = len(first)
-    n_val = int(round(conv.carve[0] * n)) if "validation" not in out else 0
-    n_test = int(round(conv.carve[1] * n)) if "test" not in out else 0
-    if n_val:
-        out["validation"] = first[n - n_val - n_test : n - n_test]
-    if n_test:
-        out["test"] = first[n - n_test :]
-    out["train"] = first[: n - n_val - n_test]
-    return out
 
 
 def resolve_domain(spec: str | os.PathLike) -> Domain:
@@ -297,6 +199,8 @@ def resolve_domain(spec: str | os.PathLike) -> Domain:
         return Domain(name=path.resolve().name, source=str(path), kind="folder")
     if path.is_file():
         return Domain(name=path.stem, source=str(path), kind="file")
+    from lorablocks.training.hub_data import HUB_CONVERTERS
+
     name = text.removeprefix("hub:")
     if name in HUB_CONVERTERS:
         return Domain(name=name, source=name, kind="hub")
@@ -309,7 +213,7 @@ def resolve_domain(spec: str | os.PathLike) -> Domain:
 def resolve_domains(specs: Sequence[str | os.PathLike]) -> list[Domain]:
     """Resolve several domains; names are made unique (``name``, ``name-2``, ...) in the given order."""
     if not specs:
-        raise DataError("no data given; pass --data DOMAIN (a folder with train/validation/test.jsonl)")
+        raise DataError("no data given: name at least one domain (a folder with train/validation/test.jsonl)", setting="data")
     out: list[Domain] = []
     seen: dict[str, int] = {}
     for spec in specs:
@@ -451,15 +355,3 @@ def bucket_window(indices: Sequence[int], lengths: Sequence[int], batch_size: in
     """Split a window of indices into batches of ``batch_size`` by length (each batch pads to its own max)."""
     order = sorted(indices, key=lambda i: (lengths[i], i))
     return [list(order[k : k + batch_size]) for k in range(0, len(order), batch_size)]
-
-
-def iter_chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
-    """Consecutive chunks of ``size`` items (the last may be shorter)."""
-    chunk: list[Any] = []
-    for x in items:
-        chunk.append(x)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
