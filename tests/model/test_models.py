@@ -83,7 +83,7 @@ def test_target_presets(tiny_model_dirs):
         class config:
             model_type = "mamba"
 
-    with pytest.raises(ModelError, match="--targets"):
+    with pytest.raises(ModelError, match="name the targets"):
         default_targets(Odd())
 
 
