@@ -59,6 +59,8 @@ TRAIN_RECORD_NAME = "lorablocks_train.json"
 STUDY_MARKER = "study.json"
 #: Record kinds that count as the same kind of output when replacing (a trained adapter is an adapter).
 _FAMILY = {"train": "adapter"}
+#: Output kinds lorablocks writes without sub-folders: one that has some holds something else (its inputs).
+_FLAT = ("adapter", "merged-model")
 #: Temporary outputs older than this are swept even when their process may still live (pid reuse).
 STALE_SECONDS = 24 * 3600
 _LOCK_STALE_SECONDS = 60
@@ -182,7 +184,16 @@ def _refusal(path: Path, kind: str | None, inputs: Iterable[str | os.PathLike], 
         return "is a folder lorablocks did not make (it holds no lorablocks record)"
     if strict and kind is not None and found != _FAMILY.get(kind, kind):
         return f"is a lorablocks {found} output, not a {kind} output"
+    if strict and found in _FLAT and _has_subfolder(entry):
+        return f"holds folders, which no lorablocks {found} output has"
     return None
+
+
+def _has_subfolder(folder: Path) -> bool:
+    try:
+        return any(e.is_dir(follow_symlinks=False) for e in os.scandir(folder))
+    except OSError:
+        return True
 
 
 def check_replaceable(path: str | os.PathLike, kind: str | None = None, inputs: Iterable[str | os.PathLike] = ()) -> None:
