@@ -214,3 +214,30 @@ def test_one_line():
     assert one_line(ValueError("")) == "ValueError"
     assert one_line(ValueError("\n  first\nsecond")) == "first"
     assert issubclass(OutputWriteError, LoraBlocksError)
+
+
+def test_safetensors_write_failure_names_the_output(tmp_path):
+    from safetensors import SafetensorError
+
+    out = tmp_path / "merged"
+    with pytest.raises(OutputWriteError) as info:
+        with atomic_dir(out, kind="merged-model"):
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                  'message: "No space left on device" })')
+    assert str(info.value) == f"cannot write {out}: No space left on device"
+    assert os.listdir(tmp_path) == []
+
+
+def test_real_safetensors_failure_in_a_removed_folder(tmp_path):
+    """A genuine safetensors write error (its folder vanished) is reported against the output path."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    out = tmp_path / "m"
+    with pytest.raises(OutputWriteError) as info:
+        with atomic_dir(out) as tmp:
+            shutil.rmtree(tmp)
+            save_file({"x": torch.zeros(2)}, str(tmp / "model.safetensors"))
+    assert str(info.value) == f"cannot write {out}: No such file or directory"

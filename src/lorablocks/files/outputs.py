@@ -423,8 +423,10 @@ def _write_error(exc: BaseException, tmp: Path, final: Path) -> OutputWriteError
         ours = str(exc.filename or "").startswith(str(tmp)) or exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
         reason = exc.strerror or text
     else:
-        ours = name == "SafetensorError" and (str(tmp) in text or "os error" in text.lower() or "space" in text.lower())
-        reason = text.replace(str(tmp), str(final))
+        ours = name == "SafetensorError" and (str(tmp) in text or "IoError" in text or "os error" in text.lower())
+        # "IoError(Os { code: 28, ..., message: \"No space left on device\" })" or "I/O error: ... (os error 2)"
+        inner = re.search(r'message: "([^"]+)"|I/O error: ([^(]+?) \(os error', text)
+        reason = (inner[1] or inner[2]) if inner else text.replace(str(tmp), str(final))
     return OutputWriteError(f"cannot write {final}: {reason}", final) if ours else None
 
 
