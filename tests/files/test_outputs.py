@@ -172,16 +172,21 @@ def test_write_errors_name_the_output(tmp_path):
     assert not out.exists() and _leftovers(tmp_path) == []
 
 
-def test_unwritable_parent_names_the_output(tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("root ignores permissions")
+def test_unwritable_parent_names_the_output(tmp_path, monkeypatch):
     locked = tmp_path / "locked"
     locked.mkdir()
-    locked.chmod(0o500)
+    if os.geteuid() == 0:  # root writes anywhere: refuse the temporary file as the kernel would for a user
+
+        def deny(prefix, dir):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.path.join(dir, prefix + "abc"))
+
+        monkeypatch.setattr(outputs.tempfile, "mkstemp", deny)
+    else:
+        locked.chmod(0o500)
     try:
         with pytest.raises(OutputWriteError, match="Permission denied") as info:
             write_json(locked / "x.json", {})
-        assert str(locked / "x.json") in str(info.value) and ".tmp-" not in str(info.value)
+        assert str(info.value) == f"cannot write {locked / 'x.json'}: Permission denied"
     finally:
         locked.chmod(0o700)
 
@@ -241,3 +246,28 @@ def test_real_safetensors_failure_in_a_removed_folder(tmp_path):
             shutil.rmtree(tmp)
             save_file({"x": torch.zeros(2)}, str(tmp / "model.safetensors"))
     assert str(info.value) == f"cannot write {out}: No such file or directory"
+
+
+def test_force_replacement_leaves_no_moment_without_output(tmp_path, monkeypatch):
+    out = _lorablocks_output(tmp_path / "a")
+    seen = []
+    remove = outputs._remove
+    monkeypatch.setattr(outputs, "_remove", lambda p: (seen.append((out / "new.txt").exists()), remove(p)))
+    with atomic_dir(out, force=True, kind="adapter") as tmp:
+        (tmp / "lorablocks.json").write_text(json.dumps({"tool": "lorablocks", "kind": "adapter"}))
+        (tmp / "new.txt").write_text("new")
+    assert seen == [True]  # the old output is removed only once the new one is in place
+    assert not (out / "payload.txt").exists()
+
+
+def test_files_and_folders_are_fsynced_before_the_move(tmp_path, monkeypatch):
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd)))
+    out = tmp_path / "d"
+    with atomic_dir(out) as tmp:
+        (tmp / "f").write_text("x")
+    assert str(tmp / "f") in synced and str(tmp) in synced and str(tmp_path) in synced
+    synced.clear()
+    write_json(tmp_path / "x.json", {})
+    assert any(".x.json.tmp-" in s for s in synced) and synced[-1] == str(tmp_path)
