@@ -64,7 +64,7 @@ def test_folder_created_during_combine_survives(tmp_path, blocks, capsys, monkey
     monkeypatch.setattr(adapter_files.AdapterWriter, "_finish", user_creates_the_folder)
     code, err = run(["combine", *blocks, "--out", out], capsys)
     line = one_error_line(err)
-    assert code == 2 and str(out) in line and ".tmp-" not in line
+    assert code == 2 and str(out) in line and ".tmp-" not in line and "--force" not in line
     assert snapshot(out) == {"notes.txt": b"data"}
     assert temporaries(tmp_path) == []
 
@@ -225,6 +225,17 @@ def test_library_error_with_empty_message(tmp_path, blocks, capsys, monkeypatch)
     monkeypatch.setattr(adapter_files.AdapterWriter, "add", fail)
     code, err = run(["combine", *blocks, "--out", tmp_path / "out"], capsys)
     assert code == 2 and one_error_line(err) == "error: AdapterFormatError"
+
+
+def test_force_hint_only_where_force_would_replace(tmp_path, blocks, capsys, monkeypatch):
+    from lorablocks.errors import OutputExistsError
+
+    def refuse(self, name, x):
+        raise OutputExistsError("somewhere is not a lorablocks study folder")
+
+    monkeypatch.setattr(adapter_files.AdapterWriter, "add", refuse)
+    code, err = run(["combine", *blocks, "--out", tmp_path / "out"], capsys)
+    assert code == 2 and one_error_line(err) == "error: somewhere is not a lorablocks study folder"
 
 
 def test_disk_full_names_the_output(tmp_path, blocks, capsys, monkeypatch):

@@ -19,8 +19,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from lorablocks.cli import INTERRUPTED
-from lorablocks.errors import LoraBlocksError, OutputExistsError
-from lorablocks.files.outputs import OutputRefusedError, one_line
+from lorablocks.errors import LoraBlocksError
+from lorablocks.files.outputs import one_line
 
 __all__ = ["app", "console", "run_app", "main", "one_line", "print_error", "quiet_libraries"]
 
@@ -55,7 +55,7 @@ def print_error(message: str) -> None:
 def user_message(exc: LoraBlocksError) -> str:
     """A library error's line, with the command-line hint the library does not know about."""
     message = one_line(exc)
-    if isinstance(exc, OutputExistsError) and not isinstance(exc, OutputRefusedError) and "--force" not in message:
+    if getattr(exc, "replaceable", False) and "--force" not in message:
         message += " (--force replaces it)"
     return message
 

@@ -95,9 +95,11 @@ def one_line(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def _exists(path: Path, message: str | None = None) -> OutputExistsError:
+def _exists(path: Path, message: str | None = None, replaceable: bool = True) -> OutputExistsError:
+    """An existing output that asking to replace outputs would replace: ``.path`` names it and
+    ``.replaceable`` is True, so that a front end can say how to ask (the CLI: ``--force``)."""
     err = OutputExistsError(message or f"{path} exists; choose another output path")
-    err.path = path  # type: ignore[attr-defined]
+    err.path, err.replaceable = path, replaceable  # type: ignore[attr-defined]
     return err
 
 
@@ -332,7 +334,7 @@ def _finish(tmp: Path, final: Path, force: bool, kind: str | None, inputs: list,
     except FileExistsError:
         _remove(tmp)
         raise _exists(final, f"{final} appeared while the output was being written; it was left untouched "
-                             "and the new output discarded") from None
+                             "and the new output discarded", replaceable=False) from None
     except OSError as exc:
         _remove(tmp)
         raise OutputWriteError(f"cannot write {final}: {exc.strerror or one_line(exc)}", final) from exc
