@@ -159,7 +159,11 @@ def _refusal(path: Path, kind: str | None, inputs: Iterable[str | os.PathLike], 
     entry = _entry(path)
     if entry is None:
         return "is the root folder"
-    if _within(os.path.realpath(os.getcwd()), entry):
+    try:
+        cwd = os.path.realpath(os.getcwd())
+    except OSError:  # the current folder was removed
+        cwd = ""
+    if cwd and _within(cwd, entry):
         return "is the current folder or a folder above it"
     for item in inputs:
         if os.path.realpath(item) == str(entry):
