@@ -72,6 +72,12 @@ class BaseModelMismatchError(ShapeMismatchError):
 
 
 def one_line(exc: BaseException) -> str:
-    """An exception's message as one line (its first), or its type name when the message is empty."""
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
+    """The first non-empty line of ``exc``'s message; its class name when the message is empty."""
+    try:
+        text = str(exc)
+    except Exception:  # a broken __str__ must not hide the error itself
+        text = ""
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()[:500]
+    return type(exc).__name__

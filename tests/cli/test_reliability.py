@@ -262,3 +262,27 @@ def test_bad_adapter_configs_through_the_cli(tmp_path, blocks, capsys):
         (path / "adapter_config.json").write_text(json.dumps(cfg))
         code, err = run(["combine", path, blocks[1], "--out", tmp_path / "out"], capsys)
         assert code == 2 and next(iter(change)) in one_error_line(err)
+
+
+def test_merge_into_never_replaces_the_base_model_folder(tmp_path, tiny_model_dirs, capsys):
+    import shutil
+
+    from tests.tiny_models import make_peft_adapter
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dirs["llama"], base)
+    before = sorted(p.name for p in base.iterdir())
+    a = make_peft_adapter("llama", tmp_path / "a", seed=1)
+    code = run_app(["combine", str(a), "--merge-into", str(base), "--out", str(base), "--force"])
+    err = capsys.readouterr().err
+    assert code == 2 and "input" in err and "Traceback" not in err
+    assert sorted(p.name for p in base.iterdir()) == before
+
+
+def test_errors_name_the_flag_of_the_setting(tmp_path, capsys):
+    from tests.tiny_models import make_peft_adapter
+
+    a = make_peft_adapter("llama", tmp_path / "a", seed=1)
+    assert run_app(["combine", str(a), "--weights", "1e39", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--weights:" in err and "overflows" in err and not (tmp_path / "o").exists()

@@ -144,7 +144,7 @@ def similarity_cmd(
         raise typer.BadParameter("--json and --plot must be different files")
     for p in (json_out, plot):
         if p is not None:
-            check_output_free(p, force)
+            check_output_free(p, force, kind="file")
     if probe_data and not model:
         raise typer.BadParameter("--probe-data needs --model (the base model whose inputs are probed)")
     rep = operations.similarity_report(adapters, allow_base_mismatch=allow_base_mismatch)

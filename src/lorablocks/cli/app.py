@@ -20,7 +20,7 @@ from rich.markup import escape
 
 from lorablocks.cli import INTERRUPTED
 from lorablocks.errors import LoraBlocksError
-from lorablocks.files.outputs import one_line
+from lorablocks.errors import one_line
 
 __all__ = ["app", "console", "run_app", "main", "one_line", "print_error", "quiet_libraries"]
 
@@ -52,9 +52,23 @@ def print_error(message: str) -> None:
     console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
 
 
+#: Settings whose command-line spelling is not ``--setting-name`` (None: a positional argument).
+_FLAGS: dict[str, str | None] = {"adapters": None, "params": None, "probe_data": "--probe-data"}
+
+
+def flag_of(setting: str | None) -> str | None:
+    """The command-line flag of a library setting (``max_length`` -> ``--max-length``)."""
+    if not setting or "." in setting:
+        return None
+    return _FLAGS.get(setting, "--" + setting.replace("_", "-"))
+
+
 def user_message(exc: LoraBlocksError) -> str:
-    """A library error's line, with the command-line hint the library does not know about."""
+    """A library error's line, with what the library does not know: the flag at fault, how to replace."""
     message = one_line(exc)
+    flag = flag_of(getattr(exc, "setting", None))
+    if flag and flag not in message:
+        message = f"{flag}: {message}"
     if getattr(exc, "replaceable", False) and "--force" not in message:
         message += " (--force replaces it)"
     return message

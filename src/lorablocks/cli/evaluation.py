@@ -51,7 +51,7 @@ def eval_cmd(
     more_adapters, more_domains = split_adapters_and_domains(list(ctx.args))
     adapters = [str(a) for a in adapter or []] + more_adapters
     if json_out is not None:
-        check_output_free(json_out, force)
+        check_output_free(json_out, force, kind="file")
     request = EvalRequest(
         domains=list(data or []) + more_domains, model=model, adapters=adapters, method=method,
         weights=parse_weights(weights, len(adapters)) if adapters else (None if weights is None else []),

@@ -12,7 +12,6 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from lorablocks.compose.recipe import Block, Composition, Recipe, compose, make_recipe
@@ -91,7 +90,8 @@ def combine_files(paths: Sequence[str | os.PathLike], out: str | os.PathLike, re
     """Combine adapter folders as ``request`` says and write one adapter (or, with ``merge_into``, a
     merged model folder). Everything is validated before anything is written."""
     request = request or CombineRequest()
-    check_output_free(out, force)
+    inputs = [*paths, *([merge_into] if merge_into is not None else [])]
+    check_output_free(out, force, kind="merged-model" if merge_into is not None else "adapter", inputs=inputs)
     files = open_blocks(paths, allow_base_mismatch=request.allow_base_mismatch)
     recipe = make_recipe(blocks_of(files, request.weights), method=request.method, params=request.params,
                          rank=request.rank, rtol=request.rtol)
@@ -108,10 +108,12 @@ def write_composition(recipe: Recipe, files: Sequence[AdapterFile], out: str | o
 
         result = compose(recipe, files)
         write_merged_model(merge_into, result.delta, out,
-                           {"kind": "merged-model", **result.record(), **(extra_record or {})}, force=force)
+                           {"kind": "merged-model", **result.record(), **(extra_record or {})}, force=force,
+                           inputs=[f.path for f in files])
         return result
     with AdapterWriter(out, base_model=files[0].base_model, fan_in_fan_out=files[0].fan_in_fan_out,
-                       task_type=files[0].config.get("task_type", "CAUSAL_LM"), force=force) as writer:
+                       task_type=files[0].config.get("task_type", "CAUSAL_LM"), force=force,
+                       inputs=[f.path for f in files]) as writer:
         result = compose(recipe, files, sink=writer.add)
         writer.record = {"kind": "adapter", **result.record(), **(extra_record or {})}
     return result

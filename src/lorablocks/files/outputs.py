@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lorablocks.errors import LoraBlocksError, OutputExistsError
+from lorablocks.errors import LoraBlocksError, OutputExistsError, one_line
 
 __all__ = [
     "atomic_dir",
@@ -81,18 +81,6 @@ class OutputWriteError(LoraBlocksError):
     def __init__(self, message: str, path: str | os.PathLike) -> None:
         super().__init__(message)
         self.path = Path(path)
-
-
-def one_line(exc: BaseException) -> str:
-    """The first non-empty line of ``exc``'s message; its class name when the message is empty."""
-    try:
-        text = str(exc)
-    except Exception:  # a broken __str__ must not hide the error itself
-        text = ""
-    for line in text.splitlines():
-        if line.strip():
-            return line.strip()
-    return type(exc).__name__
 
 
 def _exists(path: Path, message: str | None = None, replaceable: bool = True) -> OutputExistsError:

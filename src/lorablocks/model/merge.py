@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +94,7 @@ def merged(model: nn.Module, delta: Mapping[str, LowRank]) -> Iterator[nn.Module
 
 
 def write_merged_model(model_dir: str | os.PathLike, delta: Mapping[str, LowRank], out: str | os.PathLike,
-                       record: dict[str, Any], force: bool = False) -> Path:
+                       record: dict[str, Any], force: bool = False, inputs: Sequence[str | os.PathLike] = ()) -> Path:
     """Load a local model folder (or a built-in model's), add ``delta`` to its weights and save a normal model
     folder with ``record`` as its ``lorablocks.json``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -112,7 +112,7 @@ def write_merged_model(model_dir: str | os.PathLike, delta: Mapping[str, LowRank
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load the model in {model_dir}: {one_line(exc)}") from None
     apply_delta(model, delta)
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, kind="merged-model", inputs=[model_dir, *inputs]) as tmp:
         try:
             model.save_pretrained(tmp)
         except Exception as exc:  # safetensors raises its own error type on a full disk

@@ -148,7 +148,6 @@ def prepare_model(
     model.config.name_or_path = name
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out, force=True) as tmp:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return out

@@ -42,17 +42,17 @@ class EvalRequest:
     allow_base_mismatch: bool = False
     cache_dir: str | os.PathLike | None = None
 
-    def problems(self) -> list[str]:
-        """Every invalid setting (empty when the request is valid)."""
+    def problems(self) -> list[tuple[str, str]]:
+        """Every invalid setting as ``(setting, message)`` (empty when the request is valid)."""
         out = []
         if self.limit is not None and self.limit < 1:
-            out.append(f"limit must be a positive integer, got {self.limit}")
+            out.append(("limit", f"limit must be a positive integer, got {self.limit}"))
         if self.split not in ("train", "validation", "test"):
-            out.append(f"split must be train, validation or test, got {self.split!r}")
-        if self.max_length < 8:
-            out.append(f"max_length must be >= 8, got {self.max_length}")
+            out.append(("split", f"split must be train, validation or test, got {self.split!r}"))
+        if self.max_length < 16:
+            out.append(("max_length", f"max_length must be >= 16, got {self.max_length}"))
         if self.weights is not None and not self.adapters:
-            out.append("weights given without adapters")
+            out.append(("weights", "weights given without adapters"))
         return out
 
 
@@ -78,7 +78,7 @@ def run_evaluation(request: EvalRequest) -> EvalReport:
 
     problems = request.problems()
     if problems:
-        raise ConfigError("invalid evaluation: " + "; ".join(problems))
+        raise ConfigError("invalid evaluation: " + "; ".join(m for _, m in problems), setting=problems[0][0])
     domains = resolve_domains(request.domains)
     files = open_blocks(request.adapters, allow_base_mismatch=request.allow_base_mismatch) if request.adapters else []
     recipe = make_recipe(blocks_of(files, request.weights), method=request.method, params=request.params,

@@ -176,7 +176,7 @@ def combine_learned(paths: Sequence[str], out: str, *, data: Sequence[str], mode
         raise ConfigError("the learned method needs data: a few examples of each block's domain", setting="data")
     if settings.steps < 1 or settings.limit < 2:
         raise ConfigError("the learned method needs steps >= 1 and limit >= 2", setting="steps")
-    check_output_free(out, force)
+    check_output_free(out, force, kind="adapter", inputs=list(paths))
     domains = resolve_domains(data)
     files = open_blocks(paths, allow_base_mismatch=allow_base_mismatch)
     template = make_recipe(blocks_of(files, weights), method="learned", rank=rank, rtol=rtol)
