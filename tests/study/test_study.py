@@ -224,11 +224,16 @@ def test_plan_subsets():
     assert sums == [("a", "b"), ("a", "c"), ("b", "c")] and merged == [("a", "c")]
 
 
-def test_presets_validate():
-    for preset in ("smoke", "quick", "paper"):
-        cfg = load_config(preset=preset)
-        assert cfg.domains == ["math", "medicine", "finance"]
+def test_presets_validate_and_give_enough_fine_points():
+    for preset in ("smoke", "quick", "standard", "paper"):
+        load_config(preset=preset)
     assert load_config(preset="paper").seeds == [0, 1, 2]
+    for preset, floor in (("quick", 20), ("standard", 75)):
+        cfg = load_config(preset=preset)
+        sums, _ = plan_subsets(cfg.domains, cfg.max_sum_size, cfg.merged_subsets)
+        assert sum(len(s) for s in sums) >= floor, preset
+    assert {"medicine", "biomed"} <= set(load_config(preset="standard").domains)
+    assert load_config(preset="standard").eval.limit >= 50
 
 
 def test_methods_are_evaluated_beside_the_sum(setup, tmp_path):

@@ -343,7 +343,7 @@ def _subtraction_error(deltas, seed: int, doms: Sequence[str], d: str) -> float:
 def _methods(ch: _Changes, cfg: StudyConfig, sums, merged_sets, fits: Mapping) -> list[MethodResult]:
     out = []
     for spec in cfg.methods:
-        for s in sums:
+        for s in [s for s in sums if len(s) <= (cfg.methods_max_size or len(s))]:
             lab, slab = f"{spec.label}:{'+'.join(s)}", f"sum:{'+'.join(s)}"
             vs_sum = {d: ch.change(lab, slab, [d]) for d in s} | {"joint": ch.change(lab, slab, s)}
             vs_merged = None

@@ -89,6 +89,7 @@ class StudyConfig(Settings):
     max_sum_size: Optional[int] = Field(None, ge=2, description="Largest sum evaluated (default: all domains).")
     seeds: list[int] = Field([0], min_length=1, description="Training seeds; results report mean and spread.")
     methods: list[MethodSpec] = Field(default_factory=list, description="Composition methods evaluated beside the naive sum.")
+    methods_max_size: Optional[int] = Field(None, ge=2, description="Largest subset the methods are evaluated on (default: every sum).")
     analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)
 
     @field_validator("domains")
@@ -107,16 +108,36 @@ PRESETS: dict[str, dict[str, Any]] = {
         "domains": ["math", "medicine", "finance"],
         "train": {"steps_per_domain": 3, "batch_size": 4, "max_length": 96, "train_limit": 64, "val_limit": 4},
         "eval": {"limit": 8, "max_length": 128},
+        "methods": [{"name": "ties", "params": {"density": 0.5}}],
+        "methods_max_size": 2,
+        "analysis": {"bootstrap_resamples": 2000, "probe_limit": 4},
         "seeds": [0],
     },
-    # The README's main command: numbers worth reading in under 20 minutes on 2 CPU cores.
+    # The README's main command, under 20 minutes on 2 CPU cores. Four domains (with the near pair
+    # medicine/biomed) give 28 fine points (3 domains give 9); a sum is scored only on its own domains, the base
+    # model and the singles on all; merged-data adapters for the 6 pairs (the paper's level), none for larger
+    # subsets (each costs k times the steps); no extra methods (each would rescore all 11 sums).
     "quick": {
-        "domains": ["math", "medicine", "finance"],
+        "domains": ["math", "medicine", "biomed", "finance"],
+        "merged_subsets": "pairs",
         "train": {"steps_per_domain": 8, "batch_size": 8, "max_length": 128, "val_limit": 8},
-        "eval": {"limit": 20, "max_length": 192},
+        "eval": {"limit": 16, "max_length": 192},
+        "analysis": {"probe_limit": 8},
         "seeds": [0],
     },
-    # The full run: the paper's three seeds, longer training, larger held-out sets.
+    # All five domains in under 90 minutes on 2 CPU cores: 75 fine points, 10 paper-level points, 50 test
+    # examples per domain, TIES beside the sum on the pairs, and as much training as the rest leaves.
+    "standard": {
+        "domains": ["math", "medicine", "biomed", "finance", "code"],
+        "merged_subsets": "pairs",
+        "train": {"steps_per_domain": 24, "batch_size": 8, "max_length": 128, "val_limit": 16},
+        "eval": {"limit": 50, "max_length": 192},
+        "methods": [{"name": "ties", "params": {"density": 0.5}}],
+        "methods_max_size": 2,
+        "analysis": {"probe_limit": 16},
+        "seeds": [0],
+    },
+    # The paper's scale (for a GPU): three seeds, longer training, larger held-out sets.
     "paper": {
         "domains": ["math", "medicine", "finance"],
         "train": {"steps_per_domain": 300, "batch_size": 8, "max_length": 256},

@@ -77,7 +77,7 @@ def plan_jobs(ctx: StudyContext, trained: Trained, sums, merged_sets) -> tuple[l
         for s in sums:
             keys = tuple(single[d] for d in s)
             jobs.append(EvalJob(f"sum:{tag(s)}", "sum", seed, s, s, recipe_of(trained, keys, [1.0] * len(s)), keys))
-            for spec in cfg.methods:
+            for spec in cfg.methods if len(s) <= (cfg.methods_max_size or len(s)) else ():
                 if spec.name == "learned":
                     recipe, fits[(spec.label, s, seed)] = learned_stage(ctx, trained, spec, s, seed)
                 else:
