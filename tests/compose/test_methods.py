@@ -83,10 +83,16 @@ def test_weights_enter_only_the_disjoint_merge():
     assert torch.equal(got, t([[-0.5]]))  # (1*1 + (-1)*2) / 2
 
 
-def test_magnitude_mask_keeps_exactly_k_even_with_ties():
-    x = t([[1.0, 1.0, 1.0], [1.0, 2.0, -2.0]])
-    assert int(sparsify.magnitude_mask(x, 0.5).sum()) == 3
-    assert sparsify.magnitude_mask(x, 0.5)[1].tolist() == [False, True, True]
+@pytest.mark.parametrize("x", [[[1.0, 1.0, 1.0], [1.0, 2.0, -2.0]], [[0.5, -3.0, 2.0], [1.0, -0.25, 4.0]]],
+                         ids=["tied", "distinct"])
+def test_magnitude_mask_is_peft_s_choice_even_with_ties(x):
+    from peft.utils.merge_utils import magnitude_based_pruning
+
+    x = t(x)
+    for density in (0.2, 0.5, 0.7):
+        mask = sparsify.magnitude_mask(x, density)
+        assert int(mask.sum()) == int(density * 6)
+        assert torch.equal(x * mask, magnitude_based_pruning(x, density))
     assert int(sparsify.magnitude_mask(x, 0.1).sum()) == 0  # int(0.6) = 0, as PEFT
 
 

@@ -12,8 +12,8 @@ one (the full-space merges form it on purpose).
 * :func:`stacked_svd` (KnOTS): ``[dW_1 ... dW_n] = U diag(S) [V_1^T ... V_n^T]`` from the stack of ``B_i``
   and the block-diagonal of the ``A_i``.
 * :func:`polar_factor`: ``X = P Sigma Q^T -> P Q^T``, the nearest matrix with orthonormal columns (rows).
-* :func:`refactor_dense`: truncated SVD of a dense merged delta at a rank mode, with the error report of
-  :func:`lorablocks.core.algebra.compress`.
+* :func:`refactor_dense`: truncated SVD of a dense merged delta at a rank mode (through the Gram matrix of
+  its smaller side, float64), with the error report of :func:`lorablocks.core.algebra.compress`.
 """
 
 from __future__ import annotations
@@ -136,33 +136,49 @@ def _keep_count(S: torch.Tensor, rank: str | int, rtol: float, floor: float) -> 
     return above if rank == "concat" else min(int(rank), above)
 
 
+def _gram_svd(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Singular values (descending) and singular vectors of the smaller side of ``M`` from the eigenvectors
+    of its Gram matrix: ``M^T M = V diag(S^2) V^T`` when ``in <= out`` (``right=True``), else ``M M^T``."""
+    right = M.shape[1] <= M.shape[0]
+    G = M.T @ M if right else M @ M.T
+    e, V = torch.linalg.eigh(G)
+    S = e.flip(0).clamp(min=0.0).sqrt()
+    return S, V.flip(1), right
+
+
 def refactor_dense(name: str, dense: torch.Tensor, rank: str | int = "minimal", rtol: float = 1e-6,
                    dtype: torch.dtype | None = None) -> tuple[LowRank | None, CompressionReport]:
     """Truncated SVD ``dW = U diag(S) V^T -> B = U_k sqrt(S_k)``, ``A = sqrt(S_k) V_k^T`` (in ``dtype``).
 
-    ``k`` by rank mode: ``minimal`` keeps ``S > rtol * s_max``; ``concat`` (exact) every singular value above
-    the SVD's round-off ``eps * sqrt(max(out, in)) * s_max``; a cap ``N`` the top ``N`` of those (a cap above
-    the module's dimensions keeps it whole). The SVD runs in ``dense``'s dtype. The report is
-    :func:`~lorablocks.core.algebra.compress`'s: ``rank_in = min(out, in)``, ``rel_error =
-    sqrt(sum_{j>k} S_j^2 / sum_j S_j^2)``. ``None`` when ``dW`` is zero.
+    Computed in float64 through the Gram matrix of the smaller side (``in <= out``: ``dW^T dW = V S^2 V^T``,
+    ``B = dW V_k S_k^{-1/2}``, so ``B A = dW V_k V_k^T``, the best rank-``k`` approximation, and all of ``dW``
+    to float64 round-off when nothing is dropped; faster than a float32 SVD and far more accurate).
+    ``k`` by rank mode: ``minimal`` keeps ``S > rtol * s_max``; ``concat`` (exact) every singular value
+    above the Gram's round-off ``sqrt(n * eps) * s_max``; a cap ``N`` the top ``N`` of those (a cap above the
+    module's dimensions keeps it whole). The report is :func:`~lorablocks.core.algebra.compress`'s:
+    ``rank_in = min(out, in)``, ``rel_error = sqrt(sum_{j>k} S_j^2 / |dW|_F^2)``. ``None`` when ``dW`` is 0.
     """
     if isinstance(rank, str) and rank not in ("concat", "minimal"):
         raise ValueError(f"rank must be 'concat', 'minimal' or a positive integer, got {rank!r}")
     if isinstance(rank, int) and rank < 1:
         raise ValueError(f"rank cap must be a positive integer, got {rank}")
     dtype = dtype or dense.dtype
-    U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
-    floor = torch.finfo(dense.dtype).eps * math.sqrt(max(dense.shape)) * (float(S[0]) if S.numel() else 0.0)
+    M = dense.to(COMPUTE_DTYPE)
+    S, V, right = _gram_svd(M)
+    n = min(M.shape)
+    floor = math.sqrt(n * torch.finfo(COMPUTE_DTYPE).eps) * (float(S[0]) if n else 0.0)
     keep = _keep_count(S, rank, rtol, floor)
-    s2 = S.to(COMPUTE_DTYPE).pow(2)
-    total, dropped = float(s2.sum()), float(s2[keep:].sum())
+    total = float(M.pow(2).sum())
+    dropped = min(float(S[keep:].pow(2).sum()), total)
     report = CompressionReport(mode=str(rank))
-    report.rank_in[name], report.rank_out[name] = min(dense.shape), keep
+    report.rank_in[name], report.rank_out[name] = n, keep
     report.norm_sq[name], report.dropped_sq[name] = total, dropped
     report.rel_error[name] = math.sqrt(dropped / total) if total > 0 else 0.0
     if keep == 0:
         return None, report
-    root = S[:keep].sqrt()
-    B = (U[:, :keep] * root).to(dtype)
-    A = (root[:, None] * Vh[:keep]).to(dtype)
-    return LowRank(B=B, A=A), report
+    root, Vk = S[:keep].sqrt(), V[:, :keep]
+    if right:  # B = dW V_k S^{-1/2}, A = S^{1/2} V_k^T
+        B, A = (M @ Vk) / root, root[:, None] * Vk.T
+    else:  # dW = U S V^T with U from dW dW^T: B = U_k S^{1/2}, A = S^{-1/2} U_k^T dW
+        B, A = Vk * root, (Vk.T @ M) / root[:, None]
+    return LowRank(B=B.to(dtype), A=A.to(dtype)), report
