@@ -101,6 +101,7 @@ def serve_cmd(
     active: Annotated[Optional[str], typer.Option("--active", help="Composition at start: NAME[:WEIGHT],... (default: the base model).")] = None,
     workers: Annotated[int, typer.Option("--workers", help="Generations run at once.")] = 4,
     queue: Annotated[int, typer.Option("--queue", help="Generations that may wait beyond those (more: 503).")] = 32,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="torch threads per generation (default: torch's; 1 suits several generations on few cores).")] = None,
     cache_dir: CacheOpt = None,
 ) -> None:
     """OpenAI-compatible server (/v1/completions, /v1/chat/completions) whose blocks change live (/v1/blocks)."""
@@ -108,8 +109,12 @@ def serve_cmd(
 
     if not 0 <= port <= 65535:
         raise LoraBlocksError(f"--port must be in 0..65535, got {port}")
-    if max_tokens_limit < 1 or workers < 1 or queue < 0:
-        raise LoraBlocksError("--max-tokens-limit and --workers must be positive, --queue not negative")
+    if max_tokens_limit < 1 or workers < 1 or queue < 0 or (threads is not None and threads < 1):
+        raise LoraBlocksError("--max-tokens-limit, --workers and --threads must be positive, --queue not negative")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     settings = ServeSettings(blocks=str(blocks), model=model, host=host, port=port, api_key=api_key or None,
                              max_tokens_limit=max_tokens_limit, active=parse_active(active), workers=workers,
                              queue=queue, cache_dir=str(cache_dir) if cache_dir else None)
