@@ -40,7 +40,8 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise RequestError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}", setting="max_new_tokens")
+            raise RequestError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}",
+                               setting="max_new_tokens")
         if not 0.0 <= self.temperature < float("inf"):
             raise RequestError(f"temperature must be a number >= 0, got {self.temperature}", setting="temperature")
         if not 0.0 < self.top_p <= 1.0:

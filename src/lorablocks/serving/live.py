@@ -19,8 +19,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from lorablocks.compose.recipe import MemorySource, compose
+from lorablocks.compose.recipe import MemorySource, Recipe, compose
+from lorablocks.core.algebra import Delta
 from lorablocks.errors import CompositionError
+from lorablocks.model.merge import check_delta_fits
 from lorablocks.model.session import ComposedModel
 from lorablocks.serving.blocks import BlockLibrary, LoadedBlock, check_blocks_fit, live_recipe
 from lorablocks.serving.errors import ServerBusyError, UnknownBlockError
@@ -158,19 +160,19 @@ class LiveModel:
         t1 = time.perf_counter()
         with self.lock.write():
             report = self.composed.apply(delta, recipe) if recipe is not None else self.composed.clear()
-            self._current = (tuple(ActiveBlock(n, float(w)) for n, w in entries), report.fingerprint or BASE_FINGERPRINT)
+            active = tuple(ActiveBlock(n, float(w)) for n, w in entries)
+            self._current = (active, report.fingerprint or BASE_FINGERPRINT)
         t2 = time.perf_counter()
         return ChangeReport(*self._current, t2 - t0, t2 - t1)
 
-    def _compose(self, loaded: Sequence[LoadedBlock], weights: Sequence[float]) -> tuple[dict, Any]:
+    def _compose(self, loaded: Sequence[LoadedBlock], weights: Sequence[float]) -> tuple[Delta, Recipe | None]:
+        """The live recipe of ``loaded`` and its delta, checked against the model (before any lock)."""
         if not loaded:
             return {}, None
         check_blocks_fit([b.file for b in loaded])
         self.composed.check_base_model([(b.name, b.file.base_model) for b in loaded])
         recipe = live_recipe([b.block(w) for b, w in zip(loaded, weights)])
         composition = compose(recipe, [MemorySource(b.delta) for b in loaded])
-        from lorablocks.model.merge import check_delta_fits
-
         check_delta_fits(self.composed.model, composition.delta, label="the composition")
         return composition.delta, recipe
 

@@ -18,7 +18,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from lorablocks.serving.api import (ChatRequest, CompletionRequest, PostBlock, PutBlocks, chat_object,
                                     completion_object, new_id, sampling_params, usage)
 from lorablocks.serving.errors import RequestError, ServerBusyError, describe
-from lorablocks.serving.generation import Chunk, SamplingParams, check_length, encode_chat, encode_prompt, generate_stream
+from lorablocks.serving.generation import (Chunk, SamplingParams, check_length, encode_chat, encode_prompt,
+                                           generate_stream)
 from lorablocks.serving.live import ChangeReport, LiveModel, Runner
 
 __all__ = ["FINGERPRINT_HEADER", "AppSettings", "add_routes"]
