@@ -42,6 +42,7 @@ from pathlib import Path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (``--help``)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1, help="torch / BLAS threads (default 1)")
     p.add_argument("--density", type=float, default=0.5, help="TIES / magnitude density (default 0.5)")
@@ -64,7 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_combine as fx  # noqa: E402  (the shared fixture: adapters, PEFT model, timing, table)
 import torch  # noqa: E402
 
-from lorablocks.compose import Block, compose, make_recipe  # noqa: E402
+from lorablocks.compose import Block, Composition, compose, make_recipe  # noqa: E402
 from lorablocks.core import algebra  # noqa: E402
 from lorablocks.files.adapters import load_adapter  # noqa: E402
 
@@ -75,7 +76,7 @@ FLOOR_FULL_ERR = 1e-4
 FLOOR_FULL_TIME = 1.0
 
 
-def ours(deltas, method: str, rank, **params):
+def ours(deltas, method: str, rank: str | int, **params) -> Composition:
     """lorablocks: the recipe through ``compose()`` (what ``lorablocks combine --method`` runs per module)."""
     blocks = [Block(name=f"a{k}", weight=w) for k, w in enumerate(fx.WEIGHTS)]
     return compose(make_recipe(blocks, method=method, params=params, rank=rank), deltas)
@@ -104,6 +105,7 @@ def compare(delta, layers, adapter: str) -> tuple[float, float]:
 
 
 def part_core(args, table: fx.Table, deltas, model, layers) -> None:
+    """Part 1: core-space ties vs PEFT ties_svd(64): time ratio and rank."""
     print(f"[1] core-space ties (density {args.density}) vs PEFT ties_svd(svd_rank={CORE_SVD_RANK})", flush=True)
     t_ours, times, out = fx.median_time(lambda: ours(deltas, "ties", "minimal", density=args.density),
                                         args.fast_repeats)
@@ -125,6 +127,7 @@ def part_core(args, table: fx.Table, deltas, model, layers) -> None:
 
 
 def part_full(args, table: fx.Table, deltas, model, layers, method: str) -> None:
+    """Part 2: full-space ``method`` vs PEFT ``method_svd`` at a rank that loses nothing: time and agreement."""
     kind = f"{method}_svd"
     print(f"[2] full-space {method} (density {args.density}, rank {FULL_RANK}) vs PEFT {kind}(svd_rank={FULL_RANK})",
           flush=True)
@@ -152,6 +155,7 @@ def part_full(args, table: fx.Table, deltas, model, layers, method: str) -> None
 
 
 def main(args: argparse.Namespace) -> int:
+    """Build the fixture once, run the parts, print the table; 0 when every floor passes."""
     torch.set_num_threads(args.threads)
     import peft
     import transformers

@@ -36,6 +36,7 @@ class KnotsParams(MethodParams):
 
     @model_validator(mode="after")
     def _ties_only(self) -> "KnotsParams":
+        """``density`` and ``majority_sign`` given with ``merge=linear`` would be silently ignored: refuse."""
         if self.merge == "linear" and self.model_fields_set & {"density", "majority_sign"}:
             raise PydanticCustomError("knots_merge", "density and majority_sign apply only to merge=ties")
         return self
