@@ -56,8 +56,12 @@ def test_train_block_builds_the_training_config(tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod, "train_adapter", lambda tc, **kw: seen.append(tc))
     cfg = load_config(overrides={"lora": {"r": 8, "targets": ["q_proj"]},
                                  "train": {"steps_per_domain": 6, "warmup_steps": 10, "weight_decay": 0.1}})
-    domains = [SimpleNamespace(source="/d/math"), SimpleNamespace(source="/d/words")]
-    pipeline._train_block(cfg, domains, 3, tmp_path / "block", None, model=None, tokenizer=None)
+    from lorablocks.study.stages import StudyContext, _train_block
+
+    ctx = StudyContext(config=cfg, out=tmp_path, domains={"math": SimpleNamespace(source="/d/math"),
+                                                         "words": SimpleNamespace(source="/d/words")},
+                       data_prints={}, model_id="m", log=print, _session=SimpleNamespace(model=None, tokenizer=None))
+    _train_block(ctx, ("math", "words"), 3, tmp_path / "block")
     (tc,) = seen
     assert tc.r == 8 and tc.targets == ["q_proj"] and tc.weight_decay == 0.1 and tc.seed == 3
     assert tc.max_steps == 12 and tc.warmup_steps == 6  # warm-up capped at half the block's steps

@@ -10,8 +10,9 @@ import typer
 from rich.table import Table
 
 from lorablocks.cli.app import app, console
-from lorablocks.cli.options import (AllowBaseOpt, DensityOpt, ForceOpt, MajorityOpt, MethodOpt, RankOpt, RtolOpt,
-                                    SeedOpt, SpaceOpt, WeightsOpt, method_params, parse_rank, parse_weights)
+from lorablocks.cli.options import (AllowBaseOpt, DensityOpt, ForceOpt, FractionOpt, MajorityOpt, MergeOpt, MethodOpt,
+                                    RankOpt, RtolOpt, SeedOpt, SpaceOpt, WeightsOpt, method_params, parse_rank,
+                                    parse_weights)
 from lorablocks.compose import operations
 from lorablocks.compose.recipe import Composition
 
@@ -36,6 +37,8 @@ def combine_cmd(
     space: SpaceOpt = None,
     majority_sign: MajorityOpt = None,
     seed: SeedOpt = None,
+    fraction: FractionOpt = None,
+    merge: MergeOpt = None,
     rank: RankOpt = "minimal",
     rtol: RtolOpt = 1e-6,
     model: Annotated[Optional[str], typer.Option("--model", help="learned: the base model the weights are fitted on.")] = None,
@@ -56,7 +59,8 @@ def combine_cmd(
         raise typer.BadParameter(f"{given[0]} is for --method learned only")
     request = operations.CombineRequest(
         weights=w, method=method, rank=parse_rank(rank), rtol=rtol,
-        params=method_params(density=density, space=space, majority_sign=majority_sign, seed=seed),
+        params=method_params(density=density, space=space, majority_sign=majority_sign, seed=seed,
+                             fraction=fraction, merge=merge),
         allow_base_mismatch=allow_base_mismatch)
     result = operations.combine_files(adapters, out, request, merge_into=merge_into, force=force)
     _print_combine(result, out, "merged model" if merge_into else "adapter")

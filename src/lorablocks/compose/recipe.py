@@ -9,7 +9,6 @@ plus versions and the truncation report. Methods plug in as files of :mod:`lorab
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import math
@@ -79,12 +78,18 @@ class Recipe(BaseModel):
         Names and paths do not count: the same adapters under other names give the same fingerprint.
         """
         key = {"blocks": [[b.sha256 or b.name, b.weight] for b in self.blocks], "method": self.method,
-               "params": self.params, "rank": self.rank, "rtol": self.rtol}
+               "params": self.resolved_params(), "rank": self.rank, "rtol": self.rtol}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
+    def resolved_params(self) -> dict[str, Any]:
+        """Every parameter of the method, the defaults of those not given included."""
+        return validate_params(get_method(self.method), self.params).model_dump(mode="json")
+
     def record(self) -> dict[str, Any]:
-        """The recipe as written into ``lorablocks.json`` (and read back by :meth:`model_validate`)."""
-        return {**self.model_dump(mode="json"), "fingerprint": self.fingerprint()}
+        """The recipe as written into ``lorablocks.json`` (``params`` as given, so that it reads back through
+        :func:`make_recipe`; ``resolved_params`` with every default), and its fingerprint."""
+        return {**self.model_dump(mode="json"), "resolved_params": self.resolved_params(),
+                "fingerprint": self.fingerprint()}
 
 
 def make_recipe(blocks: Sequence[Block], *, method: str = "sum", params: Mapping[str, Any] | None = None,

@@ -70,6 +70,16 @@ class ComposedModel:
                 raise BaseModelMismatchError(f"{label} was trained on {base}, not {self.model_id}",
                                              setting="allow_base_mismatch")
 
+    def load_blocks(self, files: Sequence[Any], allow_base_mismatch: bool = False) -> list[dict[str, LowRank]]:
+        """Read opened adapter files after checking that they fit this model (recorded base model, then every
+        module's shape); their deltas, in order."""
+        if not allow_base_mismatch:
+            self.check_base_model([(str(f.path), f.base_model) for f in files])
+        deltas = [f.load().delta for f in files]
+        for f, d in zip(files, deltas):
+            check_delta_fits(self.model, d, label=str(f.path))
+        return deltas
+
     @torch.no_grad()
     def apply(self, delta: Mapping[str, LowRank], recipe: Recipe | None = None) -> ApplyReport:
         """Make ``W0 + delta`` the model's weights (replacing whatever composition was active)."""

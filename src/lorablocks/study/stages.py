@@ -291,19 +291,27 @@ def probe_stage(ctx: StudyContext, trained: Trained) -> dict[int, dict]:
         keys = [(seed, (d,)) for d in ctx.config.domains]
         key = {"model": ctx.model_id, "blocks": [trained.sha256[k] for k in keys], "limit": limit,
                "data": [ctx.data_prints[d]["validation"] for d in ctx.config.domains], "format": 1}
-        path = ctx.cache / "probes" / f"seed{seed}-{fingerprint(key)[:12]}.json"
-        rec = _read_json(path, ctx.log)
-        if rec is None:
-            ctx.log(f"probing function overlap (seed {seed}) on {limit} validation examples per domain")
+
+        def probe(keys=keys) -> dict:
             session = ctx.session()
             with session.composed(None):
                 fo = probe_function_overlap(session.model, session.tokenizer, [trained.deltas[k] for k in keys],
                                             [ctx.domains[d] for d in ctx.config.domains], limit=limit)
-            rec = {"interference": fo.interference, "cosine": fo.cosine}
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_json(path, rec, force=True)
-        out[seed] = rec
+            return {"interference": fo.interference, "cosine": fo.cosine}
+        out[seed] = _cached(ctx, ctx.cache / "probes" / f"seed{seed}-{fingerprint(key)[:12]}.json", probe,
+                            f"probing function overlap (seed {seed}) on {limit} validation examples per domain")
     return out
+
+
+def _cached(ctx: StudyContext, path: Path, compute: Callable[[], dict], what: str) -> dict:
+    """The JSON record at ``path``, or ``compute()`` written there (saying ``what`` it does first)."""
+    rec = _read_json(path, ctx.log)
+    if rec is None:
+        ctx.log(what)
+        rec = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, rec, force=True)
+    return rec
 
 
 def learned_stage(ctx: StudyContext, trained: Trained, spec, subset: tuple[str, ...], seed: int) -> tuple[Recipe, dict]:
@@ -315,17 +323,15 @@ def learned_stage(ctx: StudyContext, trained: Trained, spec, subset: tuple[str, 
     settings = LearnSettings(**spec.params)
     key = {"recipe": template.fingerprint(), "settings": spec.params, "model": ctx.model_id,
            "data": [ctx.data_prints[d]["validation"] for d in subset], "format": 1}
-    path = ctx.cache / "learned" / f"{tag(subset)}-seed{seed}-{fingerprint(key)[:12]}.json"
-    rec = _read_json(path, ctx.log)
-    if rec is None:
-        ctx.log(f"fitting learned weights for {tag(subset)} (seed {seed})")
+
+    def fit() -> dict:
         session = ctx.session()
         with session.composed(None):
-            fit = fit_layer_weights(session.model, session.tokenizer, template, [trained.deltas[k] for k in keys],
-                                    [ctx.domains[d] for d in subset], settings)
-        rec = {"layer_weights": fit.layer_weights, **fit.record()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, rec, force=True)
+            result = fit_layer_weights(session.model, session.tokenizer, template, [trained.deltas[k] for k in keys],
+                                       [ctx.domains[d] for d in subset], settings)
+        return {"layer_weights": result.layer_weights, **result.record()}
+    rec = _cached(ctx, ctx.cache / "learned" / f"{tag(subset)}-seed{seed}-{fingerprint(key)[:12]}.json", fit,
+                  f"fitting learned weights for {tag(subset)} (seed {seed})")
     recipe = recipe_of(trained, keys, [1.0] * len(keys), method="learned",
                        params={"layer_weights": rec["layer_weights"]})
     return recipe, rec

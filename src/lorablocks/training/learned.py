@@ -168,7 +168,6 @@ def combine_learned(paths: Sequence[str], out: str, *, data: Sequence[str], mode
     from lorablocks.compose.operations import blocks_of, open_blocks, write_composition
     from lorablocks.errors import ConfigError
     from lorablocks.files.outputs import check_output_free
-    from lorablocks.model.merge import check_delta_fits
     from lorablocks.model.session import ComposedModel
     from lorablocks.training.data import resolve_domains
 
@@ -181,11 +180,7 @@ def combine_learned(paths: Sequence[str], out: str, *, data: Sequence[str], mode
     files = open_blocks(paths, allow_base_mismatch=allow_base_mismatch)
     template = make_recipe(blocks_of(files, weights), method="learned", rank=rank, rtol=rtol)
     session = ComposedModel.load(model, cache_dir=cache_dir)
-    if not allow_base_mismatch:
-        session.check_base_model([(str(f.path), f.base_model) for f in files])
-    deltas = [f.load().delta for f in files]
-    for f, d in zip(files, deltas):
-        check_delta_fits(session.model, d, label=str(f.path))
+    deltas = session.load_blocks(files, allow_base_mismatch)
     fit = fit_layer_weights(session.model, session.tokenizer, template, deltas, domains, settings, log)
     composition = write_composition(fit.recipe, files, out, extra_record={"learned": fit.record()}, force=force)
     return composition, fit

@@ -66,13 +66,7 @@ def probe_adapters(paths: Sequence[str], model: str, data: Sequence[str], *, lim
         raise ConfigError(f"{len(domains)} probe domains for {len(files)} adapters: give one domain per adapter, "
                           "in the same order", setting="probe_data")
     session = ComposedModel.load(model, cache_dir=cache_dir)
-    if not allow_base_mismatch:
-        session.check_base_model([(str(f.path), f.base_model) for f in files])
-    deltas = [f.load().delta for f in files]
-    from lorablocks.model.merge import check_delta_fits
-
-    for f, d in zip(files, deltas):
-        check_delta_fits(session.model, d, label=str(f.path))
+    deltas = session.load_blocks(files, allow_base_mismatch)
     fo = probe_function_overlap(session.model, session.tokenizer, deltas, domains, split=split, limit=limit)
     return {"probe_domains": [d.name for d in domains], "split": split, "examples_per_domain": limit,
             "interference": fo.interference, "functional_cosine": fo.cosine}

@@ -126,6 +126,7 @@ def validate_params(method: Method, params: dict[str, Any]) -> MethodParams:
         problems = []
         for e in exc.errors():
             key = ".".join(map(str, e["loc"])) or "params"
-            msg = f"method {method.name} takes no parameter {key}" if e["type"] == "extra_forbidden" else f"{key}: {e['msg']}"
+            text = str(e["msg"]).removeprefix("Value error, ")
+            msg = f"method {method.name} takes no parameter {key}" if e["type"] == "extra_forbidden" else f"{key}: {text}"
             problems.append(msg)
         raise CompositionError("; ".join(problems), setting=str(exc.errors()[0]["loc"][0]) if exc.errors()[0]["loc"] else None) from None
