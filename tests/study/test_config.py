@@ -10,7 +10,6 @@ import pytest
 import yaml
 
 from lorablocks.errors import ConfigError
-from lorablocks.study import pipeline
 from lorablocks.study.config import PRESETS, StudyConfig, TrainSettings, load_config
 from lorablocks.training.config import LoraSettings, OptimSettings, TrainConfig
 
