@@ -131,24 +131,26 @@ def _load_in_new_process(merged: Path) -> float:
 # --------------------------------------------------------------------------------------- 2. throughput
 
 
-def _ours(model: Any, tok: Any, ids: list[int], n: int) -> tuple[float, str]:
+def _ours(model: Any, tok: Any, ids: list[int], n: int) -> tuple[float, int, str]:
+    """lorablocks' generation loop, greedy, exactly ``n`` tokens (EOS does not stop it)."""
     from lorablocks.serving.generation import SamplingParams, generate_stream
 
     t0 = time.perf_counter()
-    text = "".join(c.text for c in generate_stream(model, tok, ids, SamplingParams(max_new_tokens=n), eos_ids=set()))
-    return time.perf_counter() - t0, text
+    chunks = list(generate_stream(model, tok, ids, SamplingParams(max_new_tokens=n), eos_ids=set()))
+    return time.perf_counter() - t0, chunks[-1].tokens, "".join(c.text for c in chunks)
 
 
-def _hf(model: Any, tok: Any, ids: list[int], n: int) -> tuple[float, str]:
+def _hf(model: Any, tok: Any, ids: list[int], n: int) -> tuple[float, int, str]:
     """transformers' ``generate``, greedy, exactly ``n`` tokens (no EOS stop, as in ``_ours``)."""
     config = copy.deepcopy(model.generation_config)
-    config.eos_token_id, config.pad_token_id, config.do_sample = None, tok.pad_token_id, False
+    config.eos_token_id, config.pad_token_id, config.do_sample = [], tok.pad_token_id, False  # [] : never stop
+    config.max_new_tokens, config.max_length = n, None
     t0 = time.perf_counter()
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             generation_config=config, max_new_tokens=n)
-    seconds = time.perf_counter() - t0
-    return seconds, tok.decode(out[0, len(ids):], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                             generation_config=config)
+    seconds, new = time.perf_counter() - t0, out[0, len(ids):]
+    return seconds, len(new), tok.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 def _peft_model(blocks: Path) -> Any:
@@ -175,7 +177,8 @@ def bench_throughput(live: Any, blocks: Path, n: int, repeats: int) -> dict[str,
     texts: dict[str, str] = {}
     for _ in range(repeats):  # alternate, keep the best of each
         for key, fn, m in (("ours", _ours, model), ("transformers", _hf, model), ("peft", _hf, peft_model)):
-            seconds, texts[key] = fn(m, tok, ids, n)
+            seconds, count, texts[key] = fn(m, tok, ids, n)
+            assert count == n, (key, count)
             runs[key].append(seconds)
     tps = {k: n / min(v) for k, v in runs.items()}
     return {"new_tokens": n, "ours_tokens_per_s": tps["ours"], "transformers_tokens_per_s": tps["transformers"],
@@ -271,19 +274,23 @@ def bench_load(live: Any, url: str, clients: int, seconds: float, max_tokens: in
 
 
 def _print(results: dict[str, Any]) -> None:
-    c, g, lo = results["change"], results["throughput"], results["load"]
-    print(f"1. change on a running server: add {c['add_ms']:.1f} ms (server {c['add_server_ms']:.1f} ms, generations "
-          f"held {c['add_locked_ms']:.1f} ms), remove {c['remove_ms']:.1f} ms; load the merged folder in this "
-          f"process {c['load_merged_folder_ms']:.0f} ms -> {c['ratio']:.1f}x, in a new process "
-          f"{c['new_process_ms']:.0f} ms -> {c['ratio_new_process']:.1f}x (floor {c['floor']:.0f}x)")
-    print(f"2. greedy, {g['new_tokens']} new tokens, 3 blocks: lorablocks {g['ours_tokens_per_s']:.1f} tok/s, "
-          f"transformers generate (same merged weights) {g['transformers_tokens_per_s']:.1f} tok/s -> "
-          f"{g['ratio_vs_transformers']:.2f}x (floor 0.95x, same text: {g['same_text_as_transformers']}); PEFT unmerged "
-          f"{g['peft_unmerged_tokens_per_s']:.1f} tok/s -> {g['ratio_vs_peft']:.2f}x (same text: {g['same_text_as_peft']})")
-    print(f"3. load: {lo['clients']} clients, {lo['seconds']:.1f} s, composition changed {lo['changes']} times "
-          f"(median {lo['change_p50_ms']:.0f} ms under load): {lo['requests_per_s']:.2f} requests/s, p50 "
-          f"{lo['p50_ms']:.0f} ms, p95 {lo['p95_ms']:.0f} ms, {lo['errors']} errors, {lo['inconsistent']} inconsistent "
-          f"with their fingerprint ({lo['fingerprints_seen']} compositions seen, {lo['requests']} requests)")
+    c, g, lo = results.get("change"), results.get("throughput"), results.get("load")
+    if c:
+        print(f"1. change on a running server: add {c['add_ms']:.1f} ms (server {c['add_server_ms']:.1f} ms, "
+              f"generations held {c['add_locked_ms']:.1f} ms), remove {c['remove_ms']:.1f} ms; load the merged folder "
+              f"in this process {c['load_merged_folder_ms']:.0f} ms -> {c['ratio']:.1f}x, in a new process "
+              f"{c['new_process_ms']:.0f} ms -> {c['ratio_new_process']:.1f}x (floor {c['floor']:.0f}x); writing that "
+              f"folder first (combine --merge-into, in process) took {c['merge_into_ms']:.0f} ms")
+    if g:
+        print(f"2. greedy, {g['new_tokens']} new tokens, 3 blocks: lorablocks {g['ours_tokens_per_s']:.1f} tok/s, "
+              f"transformers generate (same merged weights) {g['transformers_tokens_per_s']:.1f} tok/s -> "
+              f"{g['ratio_vs_transformers']:.2f}x (floor 0.95x, same text: {g['same_text_as_transformers']}); PEFT unmerged "
+              f"{g['peft_unmerged_tokens_per_s']:.1f} tok/s -> {g['ratio_vs_peft']:.2f}x (same text: {g['same_text_as_peft']})")
+    if lo:
+        print(f"3. load: {lo['clients']} clients, {lo['seconds']:.1f} s, composition changed {lo['changes']} times "
+              f"(median {lo['change_p50_ms']:.0f} ms under load): {lo['requests_per_s']:.2f} requests/s, p50 "
+              f"{lo['p50_ms']:.0f} ms, p95 {lo['p95_ms']:.0f} ms, {lo['errors']} errors, {lo['inconsistent']} inconsistent "
+              f"with their fingerprint ({lo['fingerprints_seen']} compositions seen, {lo['requests']} requests)")
 
 
 def main() -> None:
@@ -294,6 +301,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--load-max-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on 2 shared cores, as the other benchmarks)")
+    parser.add_argument("--parts", default="change,throughput,load", help="comma-separated subset to run")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -308,15 +316,21 @@ def main() -> None:
         root = Path(tmp)
         composed = ComposedModel.load("smollm2-135m")
         write_blocks(composed.model, root / "blocks", ["a", "b", "c"])
+        t0 = time.perf_counter()
         combine_files([root / "blocks" / n for n in "abc"], root / "merged", merge_into="smollm2-135m")
+        merge_seconds = time.perf_counter() - t0
         live = LiveModel(composed, BlockLibrary(root / "blocks"))
         runner = Runner(workers=4, queue=64)
         server = Server(create_app(live, runner, AppSettings(model_name="smollm2-135m", max_tokens_limit=512)))
+        parts, results = args.parts.split(","), {"torch_threads": args.threads}
         try:
-            results = {"change": bench_change(live, server.url, root / "merged", args.repeats),
-                       "throughput": bench_throughput(live, root / "blocks", args.new_tokens, args.repeats),
-                       "load": bench_load(live, server.url, args.clients, args.load_seconds, args.load_max_tokens),
-                       "torch_threads": args.threads}
+            if "change" in parts:
+                results["change"] = bench_change(live, server.url, root / "merged", args.repeats)
+                results["change"]["merge_into_ms"] = 1e3 * merge_seconds  # writing the folder (combine --merge-into)
+            if "throughput" in parts:
+                results["throughput"] = bench_throughput(live, root / "blocks", args.new_tokens, args.repeats)
+            if "load" in parts:
+                results["load"] = bench_load(live, server.url, args.clients, args.load_seconds, args.load_max_tokens)
         finally:
             server.stop()
     _print(results)
