@@ -69,3 +69,15 @@ def test_train_block_builds_the_training_config(tmp_path, monkeypatch):
     for name in OptimSettings.model_fields:
         if name != "warmup_steps":
             assert getattr(tc, name) == getattr(cfg.train, name), name
+
+
+def test_precision_is_one_setting_for_training_and_its_own_for_evaluation():
+    """``train.precision`` is the training declaration (so each block trains in it); ``eval.precision`` has
+    the same values and default."""
+    cfg = load_config(preset="quick", overrides={"train": {"precision": "bf16"}, "eval": {"precision": "fp32"}})
+    assert (cfg.train.precision, cfg.eval.precision) == ("bf16", "fp32")
+    assert StudyConfig().train.precision == StudyConfig().eval.precision == TrainConfig().precision == "auto"
+    with pytest.raises(ConfigError) as exc:
+        load_config(overrides={"train": {"precision": "fp16"}, "eval": {"precision": "half"}})
+    assert "train.precision must be 'auto', 'fp32' or 'bf16', got 'fp16'" in str(exc.value)
+    assert "eval.precision must be 'auto', 'fp32' or 'bf16', got 'half'" in str(exc.value)

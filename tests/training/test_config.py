@@ -17,9 +17,9 @@ def _problems(values: dict) -> str:
 
 
 def test_config_reports_every_problem_at_once():
-    msg = _problems({"r": 0, "learning_rate": -1.0, "batch_size": "x", "bogus": 1, "mixed_precision": "fp8"})
+    msg = _problems({"r": 0, "learning_rate": -1.0, "batch_size": "x", "bogus": 1, "precision": "fp8"})
     for part in ("r must be >= 1, got 0", "learning_rate must be > 0, got -1.0", "batch_size must be an integer",
-                 "unknown setting 'bogus'", "mixed_precision must be 'no', 'bf16' or 'fp16', got 'fp8'",
+                 "unknown setting 'bogus'", "precision must be 'auto', 'fp32' or 'bf16', got 'fp8'",
                  "data must name at least one domain", "out must name an output folder"):
         assert part in msg, part
     assert msg.startswith("invalid training config: ") and "\n" not in msg

@@ -26,8 +26,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _cfg(model_dir, data, out, **kw):
+    """A short run on a tiny model, in float32 on every machine (bf16 is tested in test_precision.py)."""
     base = dict(model=str(model_dir), data=[str(d) for d in data], out=str(out), max_steps=6, batch_size=4,
-                learning_rate=5e-3, warmup_steps=2, eval_every=3, val_limit=6, checkpoint_every=0)
+                learning_rate=5e-3, warmup_steps=2, eval_every=3, val_limit=6, checkpoint_every=0, precision="fp32")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -196,7 +197,7 @@ def test_two_process_torchrun_matches_one_process(tiny_model_dirs, domains, tmp_
         pytest.skip("torchrun or the lorablocks script is not installed in this environment")
     args = ["train", "--model", str(tiny_model_dirs["gpt2"]), "--data", str(domains["math"]), str(domains["words"]),
             "--max-steps", "5", "--batch-size", "4", "--lr", "5e-3", "--warmup-steps", "2", "--eval-every", "0",
-            "--val-limit", "6", "--checkpoint-every", "0", "--quiet"]
+            "--val-limit", "6", "--checkpoint-every", "0", "--precision", "fp32", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(cli), *args,
                            "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)

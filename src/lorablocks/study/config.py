@@ -2,8 +2,9 @@
 
 The ``lora`` section *is* the training's :class:`~lorablocks.training.config.LoraSettings`, and the
 ``train`` section is its :class:`~lorablocks.training.config.OptimSettings` (same fields, bounds, defaults
-and help) with ``steps_per_domain`` in place of a step count; each block's
-:class:`~lorablocks.training.config.TrainConfig` is built from the two.
+and help, ``precision`` included) with ``steps_per_domain`` in place of a step count; each block's
+:class:`~lorablocks.training.config.TrainConfig` is built from the two. ``eval.precision`` is the
+evaluation's own (see :mod:`lorablocks.training.evaluate` for the measured agreement with fp32).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any, Literal, Optional, Union
 from pydantic import Field, ValidationError, field_validator
 
 from lorablocks.errors import ConfigError
-from lorablocks.training.config import LoraSettings, OptimSettings, Settings, TrainConfig, describe_errors, read_mapping
+from lorablocks.training.config import (LoraSettings, OptimSettings, Precision, Settings, TrainConfig, describe_errors,
+                                       read_mapping)
 
 __all__ = [
     "LoraSettings",
@@ -46,6 +48,9 @@ class EvalSettings(Settings):
     split: Literal["test", "validation"] = Field("test", description="Split to evaluate on.")
     limit: Optional[int] = Field(200, ge=1, description="Examples per domain (first N, deterministic); null: all.")
     max_length: int = Field(512, ge=16, description="Tokens per example; longer ones are truncated (counted).")
+    precision: Precision = Field(TrainConfig.model_fields["precision"].default, description=(
+        "Precision of the model body: auto (bf16 where the CPU/GPU has it natively), fp32 or bf16; the output "
+        "head and the NLL stay fp32 (bf16 agrees with fp32 to 0.01 % in perplexity on the default model)."))
 
 
 class MethodSpec(Settings):

@@ -3,7 +3,8 @@
 Three pieces, so that the study reuses the first two as its ``lora`` and ``train`` sections:
 
 - :class:`LoraSettings`: the LoRA of an adapter (the paper's: rank 4, alpha 64, dropout 0);
-- :class:`OptimSettings`: the recipe of every step (optimizer, batches, lengths, data limits, checkpoints);
+- :class:`OptimSettings`: the recipe of every step (optimizer, batches, lengths, data limits, checkpoints,
+  numeric precision);
 - :class:`TrainConfig`: both, plus what one run needs (model, data, output, steps, seed, resumption).
 
 The ``lorablocks train`` flags and the keys of ``--config FILE`` are derived from :class:`TrainConfig`'s
@@ -25,7 +26,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from lorablocks.errors import ConfigError
 from lorablocks.model.models import DEFAULT_MODEL
 
-__all__ = ["Settings", "LoraSettings", "OptimSettings", "TrainConfig", "load_config", "describe_errors", "RUN_ONLY"]
+__all__ = ["Settings", "LoraSettings", "OptimSettings", "TrainConfig", "load_config", "describe_errors", "RUN_ONLY",
+           "Precision"]
+
+#: The numeric precision setting; :func:`lorablocks.training.precision.resolve_precision` decides what it means.
+Precision = Literal["auto", "fp32", "bf16"]
 
 #: Config-file keys that name a setting by another name.
 ALIASES = {"limit": "train_limit"}
@@ -87,7 +92,7 @@ class OptimSettings(Settings):
     train_limit: Optional[int] = Field(None, ge=1, description="Use the first N training examples per domain (default: all).")
     val_limit: int = Field(100, ge=0, description="Validation examples per domain (the first N); 0: no validation.")
     checkpoint_every: int = Field(50, ge=0, description="Checkpoint every N steps; 0: none.")
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Accelerate mixed precision: no, bf16 or fp16.")
+    precision: Precision = Field("auto", description="auto: bf16 autocast where the CPU/GPU has native bf16, else fp32; fp32; bf16 (fp32 with a warning where not native). LoRA weights and optimizer state stay fp32.")
 
 
 class TrainConfig(OptimSettings, LoraSettings):

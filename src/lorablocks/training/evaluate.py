@@ -8,6 +8,15 @@ first examples in order).
 For a study that evaluates many combinations on one model, tokenize once with :func:`prepare_eval_set`
 and call :func:`evaluate_perplexity` per combination: each call merges the combination's delta into the
 weights, runs the bucketed batches and restores the exact original weights.
+
+**Precision.** ``precision="bf16"`` (or ``"auto"`` where the hardware has native bf16, see
+:func:`~lorablocks.training.precision.resolve_precision`) runs the model body under bf16 autocast while
+the output head and the cross-entropy stay float32 (:class:`~lorablocks.training.loss.AnswerNLL`'s
+``fp32_head``). Measured on the default model (SmolLM2-135M, 30 test examples each of math and medicine,
+max length 512), against float32: math 3.6677 vs 3.6673 (-0.010 %), medicine 10.9679 vs 10.9678
+(-0.001 %), joint 7.7498 vs 7.7495 (-0.004 %), in 62 s instead of 115 s; with the head in bf16 as well
+the bias grows to +0.16 / +0.09 / +0.11 %. Both agree within the 0.5 % the issue asks, so evaluation may
+use bf16; the library's default stays ``fp32`` (a caller's config passes its setting, ``auto`` by default).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from lorablocks.training.data import Domain, TokenizedSet, bucket_by_tokens, col
 from lorablocks.training.loss import AnswerNLL, answer_nll  # noqa: F401  (answer_nll: imported from here before)
 from lorablocks.errors import DataError
 from lorablocks.model.merge import check_delta_fits, merged
+from lorablocks.training.precision import ResolvedPrecision, resolve_precision
 
 __all__ = [
     "DomainScore",
@@ -131,16 +141,17 @@ def prepare_eval_set(
 
 
 @torch.no_grad()
-def _score(model: nn.Module, eval_set: EvalSet) -> dict[str, list[tuple[float, int]]]:
+def _score(model: nn.Module, eval_set: EvalSet, precision: ResolvedPrecision) -> dict[str, list[tuple[float, int]]]:
     device = next(model.parameters()).device
-    loss = AnswerNLL(model)
+    loss = AnswerNLL(model, fp32_head=True)
     pad = eval_set.pad_id
     out: dict[str, list[tuple[float, int]]] = {}
     for name, ts in eval_set.sets.items():
         per: list[tuple[float, int]] = [(0.0, 0)] * len(ts.examples)
         for idx in eval_set.plans[name]:
             batch = collate([ts.examples[i] for i in idx], pad).to(device)
-            nll, cnt = loss(batch.input_ids, batch.attention_mask, batch.target_mask)
+            with precision.autocast():
+                nll, cnt = loss(batch.input_ids, batch.attention_mask, batch.target_mask)
             for i, v, c in zip(idx, nll.double().tolist(), cnt.tolist()):
                 per[i] = (v, int(c))
         out[name] = per
@@ -168,22 +179,27 @@ def evaluate_perplexity(
     model: nn.Module,
     eval_set: EvalSet,
     delta: Mapping[str, LowRank] | None = None,
+    precision: str | ResolvedPrecision = "fp32",
 ) -> EvalResult:
     """Perplexity per domain and joint of ``model`` with ``delta`` merged into its weights.
 
     ``delta`` (e.g. ``algebra.add([a.delta for a in adapters], weights)``) is checked against the model's
     module shapes first, merged for the duration of the call and then the exact original weights are
     restored, so one loaded model serves any number of combinations. ``delta=None`` scores the model as is.
+    ``precision`` (``auto``, ``fp32``, ``bf16``, or a resolved one) is the model body's; the output head
+    and the NLL are float32 either way (module docstring: bf16 agrees with fp32 to 0.01 %).
     """
+    if not isinstance(precision, ResolvedPrecision):
+        precision = resolve_precision(precision, next(model.parameters()).device)
     was_training = model.training
     model.eval()
     try:
         if delta:
             check_delta_fits(model, delta)
             with merged(model, delta):
-                per = _score(model, eval_set)
+                per = _score(model, eval_set, precision)
         else:
-            per = _score(model, eval_set)
+            per = _score(model, eval_set, precision)
     finally:
         model.train(was_training)
     return _aggregate(per, eval_set)

@@ -10,7 +10,9 @@
    a window of ``bucket_window`` batches is sorted by length and cut into batches (length bucketing),
    and the batches of a window are visited in a seeded random order;
 4. :func:`_wrap_lora` / :func:`_prepare_optimizer`: PEFT LoRA with a seeded initialisation, AdamW with
-   warm-up and linear decay, prepared by Accelerate;
+   warm-up and linear decay, prepared by Accelerate; the precision resolved once
+   (:func:`~lorablocks.training.precision.resolve_precision`): under bf16 the forward passes run in
+   ``torch.autocast(bfloat16)`` while the LoRA factors, gradients and optimizer state stay float32;
 5. :func:`_run_steps`: each :func:`_train_step` splits the global batch across processes, each process sums
    the NLL of its counted (answer + EOS) tokens, and the loss is normalised by the *global* token count, so
    the gradient is the token-weighted mean over the whole batch whatever the number of processes;
@@ -50,6 +52,7 @@ from lorablocks.training.data import (
     tokenize_examples,
 )
 from lorablocks.training.loss import AnswerNLL
+from lorablocks.training.precision import ResolvedPrecision, resolve_precision
 
 __all__ = ["TrainConfig", "TrainResult", "TrainState", "train_adapter", "load_config", "RECORD_NAME", "batch_schedule"]
 
@@ -111,6 +114,7 @@ class LoraRun:
     scheduler: Any
     accelerator: Any
     targets: list[str]
+    precision: ResolvedPrecision
 
 
 # ------------------------------------------------------------------------------------------- schedule
@@ -272,19 +276,23 @@ def _wrap_lora(config: TrainConfig, model: Any) -> tuple[Any, list[str]]:
     return peft_model, targets
 
 
-def _prepare_optimizer(config: TrainConfig, peft_model: Any, targets: list[str], accelerator: Any) -> LoraRun:
-    """AdamW over the LoRA factors with warm-up and linear decay, prepared by Accelerate."""
-    loss = AnswerNLL(peft_model)
+def _prepare_optimizer(config: TrainConfig, peft_model: Any, targets: list[str], accelerator: Any,
+                       precision: ResolvedPrecision) -> LoraRun:
+    """AdamW over the LoRA factors (float32 whatever the precision) with warm-up and linear decay,
+    prepared by Accelerate. Under bf16 the training loss takes its logits from the bf16 head (faster; the
+    cross-entropy is still float32); validation keeps the head in float32 (:func:`_validate`)."""
+    loss = AnswerNLL(peft_model, fp32_head=False)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.warmup_steps, config.max_steps))
     wrapped, optimizer = accelerator.prepare(loss, optimizer)
-    return LoraRun(peft_model, loss, wrapped, params, optimizer, scheduler, accelerator, targets)
+    return LoraRun(peft_model, loss, wrapped, params, optimizer, scheduler, accelerator, targets, precision)
 
 
 def _resume(config: TrainConfig, lora: LoraRun, checkpoint: Path | None) -> TrainState:
-    """A fresh state, or the checkpoint's (refused if it was made with settings that change the weights)."""
-    now = config.model_dump()
+    """A fresh state, or the checkpoint's (refused if it was made with settings that change the weights,
+    including a precision setting that resolves differently on this machine)."""
+    now = {**config.model_dump(), "precision_used": lora.precision.name}
     if checkpoint is None:
         return TrainState(config=now)
     saved = _load_checkpoint(checkpoint, lora.peft_model, lora.optimizer, lora.scheduler, lora.accelerator)
@@ -302,8 +310,10 @@ def _resume(config: TrainConfig, lora: LoraRun, checkpoint: Path | None) -> Trai
     return state
 
 
-def _validation_loss(loss_mod: AnswerNLL, val: list[list[TokenizedExample]], pad: int, batch_tokens: int, accelerator) -> list[tuple[float, int]]:
-    """Summed NLL and counted tokens per domain, sharded over processes and reduced."""
+def _validation_loss(loss_mod: AnswerNLL, val: list[list[TokenizedExample]], pad: int, batch_tokens: int, accelerator,
+                     precision: ResolvedPrecision) -> list[tuple[float, int]]:
+    """Summed NLL and counted tokens per domain, sharded over processes and reduced, in the run's precision
+    (with a float32 head, bf16 moves the NLL by about 0.01 %: :mod:`lorablocks.training.evaluate`)."""
     model = loss_mod.model
     was = model.training
     model.eval()
@@ -314,7 +324,8 @@ def _validation_loss(loss_mod: AnswerNLL, val: list[list[TokenizedExample]], pad
             plan = bucket_by_tokens([len(e) for e in exs], batch_tokens)
             for idx in plan[accelerator.process_index :: accelerator.num_processes]:
                 b = collate([exs[i] for i in idx], pad).to(device)
-                nll, cnt = loss_mod(b.input_ids, b.attention_mask, b.target_mask)
+                with precision.autocast():
+                    nll, cnt = loss_mod(b.input_ids, b.attention_mask, b.target_mask)
                 sums[k, 0] += nll.double().sum()
                 sums[k, 1] += cnt.sum()
     model.train(was)
@@ -327,7 +338,8 @@ def _validate(lora: LoraRun, data: TrainData, state: TrainState, step: int, bar:
     if not data.val:
         return
     t0 = time.perf_counter()
-    res = _validation_loss(lora.loss, [v.examples for v in data.val], data.pad, data.val_batch_tokens, lora.accelerator)
+    res = _validation_loss(AnswerNLL(lora.peft_model, fp32_head=True), [v.examples for v in data.val], data.pad, data.val_batch_tokens, lora.accelerator,
+                           lora.precision)
     total_nll, total_tok = sum(s for s, _ in res), sum(c for _, c in res)
     entry = {
         "step": step,
@@ -352,7 +364,8 @@ def _train_step(config: TrainConfig, lora: LoraRun, data: TrainData, step: int) 
         b = collate(chunk, data.pad).to(device)
         # gradients are all-reduced once per step, on the last micro-batch
         with acc.no_sync(lora.wrapped) if c < len(chunks) - 1 else contextlib.nullcontext():
-            nll, _ = lora.wrapped(b.input_ids, b.attention_mask, b.target_mask)
+            with lora.precision.autocast():  # the forward only; backward runs outside, as autocast wants
+                nll, _ = lora.wrapped(b.input_ids, b.attention_mask, b.target_mask)
             acc.backward(nll.sum() * world / max(global_count, 1.0))
         step_nll += nll.detach().double().sum()
     if config.max_grad_norm > 0:
@@ -408,6 +421,7 @@ def _record(config: TrainConfig, lora: LoraRun, data: TrainData, state: TrainSta
         "domains": domains,
         "validation_examples": {d.name: len(v) for d, v in zip(data.domains, data.val)},
         "processes": lora.accelerator.num_processes,
+        "precision": lora.precision.to_dict(),
         "steps": state.step,
         "train_seconds": seconds,
         "validation_seconds": state.validation_seconds,
@@ -449,7 +463,9 @@ def train_adapter(config: TrainConfig, *, model: Any = None, tokenizer: Any = No
     for path in skipped:
         log.warning(f"ignoring {path}: not a lorablocks checkpoint (safetensors + JSON); pickled files are never loaded")
     domains = resolve_domains(config.data)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not _has_accelerator())
+    # Accelerate's mixed precision stays off (even if ACCELERATE_MIXED_PRECISION is set): ``precision`` is the one setting
+    accelerator = Accelerator(mixed_precision="no", cpu=not _has_accelerator())
+    precision = resolve_precision(config.precision, accelerator.device)
     if config.batch_size % accelerator.num_processes:
         raise ConfigError(f"batch_size {config.batch_size} is not divisible by the {accelerator.num_processes} processes")
     train_raw, val_raw = _load_examples(config, domains)  # a bad file is reported before any model is loaded
@@ -460,7 +476,7 @@ def train_adapter(config: TrainConfig, *, model: Any = None, tokenizer: Any = No
     data = _prepare_data(config, tokenizer, domains, train_raw, val_raw)
     peft_model, targets = _wrap_lora(config, model)
     try:
-        lora = _prepare_optimizer(config, peft_model, targets, accelerator)
+        lora = _prepare_optimizer(config, peft_model, targets, accelerator, precision)
         state = _resume(config, lora, checkpoint)
         bar = _Progress(progress and accelerator.is_main_process, config.max_steps, state.step)
         try:
