@@ -184,3 +184,40 @@ def test_bf16_resume_equals_uninterrupted(tiny_model_dirs, domains, tmp_path, mo
     a, b = (load_file(str(tmp_path / p / "adapter_model.safetensors")) for p in ("full", "part"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert full.record["validation"] == part.record["validation"]
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def test_evaluation_in_bf16_agrees_with_fp32_and_auto_without_native_is_fp32(tok, monkeypatch):
+    from lorablocks.training.data import Example
+    from lorablocks.training.evaluate import evaluate_perplexity, prepare_eval_set
+    from tests.conftest import make_examples
+
+    model = tiny_llama(len(tok))
+    rows = {d: [Example(r["id"], r["question"], r["answer"]) for r in make_examples(d, 8)] for d in ("math", "words")}
+    es = prepare_eval_set(tok, rows, max_length=64, batch_tokens=256)
+    ref = evaluate_perplexity(model, es)
+    _native(monkeypatch, False)
+    auto = evaluate_perplexity(model, es, precision="auto")
+    assert auto.per_example == ref.per_example  # fp32: bit for bit
+    _native(monkeypatch, True)
+    bf16 = evaluate_perplexity(model, es, precision="bf16")
+    assert bf16.per_example != ref.per_example
+    for name in ref.domains:
+        assert bf16.domains[name].perplexity == pytest.approx(ref.domains[name].perplexity, rel=5e-3), name
+    assert not torch.is_autocast_enabled("cpu") and all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_cli_train_takes_the_precision_flag(tiny_model_dirs, domains, tmp_path, capsys):
+    from lorablocks.cli import run_app
+
+    args = ["train", "--model", str(tiny_model_dirs["gpt2"]), "--data", str(domains["math"]), "--max-steps", "2",
+            "--batch-size", "2", "--val-limit", "2", "--quiet"]
+    assert run_app([*args, "--out", str(tmp_path / "bad"), "--precision", "fp16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "precision must be 'auto', 'fp32' or 'bf16', got 'fp16'" in err and len(err.splitlines()) == 1
+    assert run_app([*args, "--out", str(tmp_path / "ok"), "--precision", "fp32"]) == 0
+    printed = capsys.readouterr()
+    assert "answer tokens/s (fp32)" in " ".join((printed.out + printed.err).split())
+    assert json.loads((tmp_path / "ok" / RECORD_NAME).read_text())["precision"]["used"] == "fp32"

@@ -85,7 +85,7 @@ def train_cmd(ctx: typer.Context, config: Optional[Path] = None, quiet: bool = F
     trunc = ", ".join(f"{d['name']} {d['train_truncated']}/{d['train_examples']}" for d in rec["domains"])
     console.print(
         f"wrote [bold]{result.adapter}[/bold]: {rec['steps']} steps, final train loss {result.final_train_loss:.4f}, "
-        f"validation loss {val:.4f}, {rec['answer_tokens_per_second']:,.0f} answer tokens/s; "
+        f"validation loss {val:.4f}, {rec['answer_tokens_per_second']:,.0f} answer tokens/s ({rec['precision']['used']}); "
         f"truncated at {cfg.max_length} tokens: {trunc}",
         highlight=False,
     )
