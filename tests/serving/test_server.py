@@ -210,6 +210,19 @@ def test_a_change_waits_for_running_generations_and_holds_new_ones(server, live)
     assert answered[0].json()["system_fingerprint"] == changed[0].json()["fingerprint"] != "base"
 
 
+def test_a_client_that_goes_away_mid_stream_frees_its_slot(server, live):
+    runner = server.server.config.app.state.runner
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 64, "temperature": 0, "stream": True}
+    for _ in range(3):
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
+            next(line for line in r.iter_lines() if line.startswith("data: "))
+    deadline = time.monotonic() + 20
+    while runner._admitted and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert runner._admitted == 0
+    assert _text(server)[1] == "base"
+
+
 BAD_REQUESTS = [
     ("POST", "/v1/completions", b"{not json", 400, "not valid JSON"),
     ("POST", "/v1/completions", b"[1, 2]", 422, "request body"),

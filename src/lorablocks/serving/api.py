@@ -13,7 +13,7 @@ from lorablocks.serving.errors import RequestError
 from lorablocks.serving.generation import SamplingParams
 
 __all__ = ["CompletionRequest", "ChatRequest", "ChatMessage", "BlockWeight", "PutBlocks", "PostBlock",
-           "sampling_params", "completion_object", "chat_object", "new_id"]
+           "sampling_params", "completion_object", "chat_object", "new_id", "usage"]
 
 
 class _OpenAIRequest(BaseModel):
@@ -114,8 +114,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_object(rid: str, model: str, fingerprint: str, text: str, finish: Optional[str],
-                      chunk: bool = False) -> dict[str, Any]:
+def completion_object(rid: str, model: str, fingerprint: str, text: str, finish: Optional[str]) -> dict[str, Any]:
     """A ``text_completion`` (whole, or one stream chunk: the same object with part of the text)."""
     return _envelope("text_completion", rid, model, fingerprint,
                      {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})

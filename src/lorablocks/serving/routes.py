@@ -106,7 +106,6 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj) if not isinstance(obj, str) else obj}\n\n"
 
 
-
 @dataclass(frozen=True)
 class _Render:
     """Builds the response objects of one request (completion or chat)."""
@@ -119,7 +118,7 @@ class _Render:
     def piece(self, text: Optional[str], finish: Optional[str], role: bool = False) -> str:
         if self.chat:
             return _sse(chat_object(self.rid, self.model, self.fingerprint, text, finish, chunk=True, role=role))
-        return _sse(completion_object(self.rid, self.model, self.fingerprint, text or "", finish, chunk=True))
+        return _sse(completion_object(self.rid, self.model, self.fingerprint, text or "", finish))
 
     def whole(self, text: str, finish: str, prompt_tokens: int, tokens: int) -> dict[str, Any]:
         build = chat_object if self.chat else completion_object
@@ -147,11 +146,12 @@ async def _events(job: _Job, render: _Render, prompt_tokens: int, include_usage:
                 yield render.piece(chunk.text, chunk.finish_reason)
         if include_usage:
             yield render.usage_chunk(prompt_tokens, tokens)
+        yield "data: [DONE]\n\n"
     except Exception as exc:  # after the headers: the error goes into the stream
         yield _sse(describe(exc)[1])
+        yield "data: [DONE]\n\n"
     finally:
         job.cancelled.set()
-    yield "data: [DONE]\n\n"
 
 
 async def _respond(live: LiveModel, runner: Runner, settings: AppSettings, ids: list[int],
