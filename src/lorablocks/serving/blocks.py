@@ -157,7 +157,5 @@ def open_composed(model: str, adapters: Sequence[str | os.PathLike] = (), weight
     recipe = live_recipe(blocks_of(files, weights), method, params) if files else None
     composed = ComposedModel.load(model, cache_dir=cache_dir)
     if recipe is not None:
-        if not allow_base_mismatch:
-            composed.check_base_model([(str(f.path), f.base_model) for f in files])
-        composed.apply_recipe(recipe, files)
+        composed.apply_recipe(recipe, composed.load_blocks(files, allow_base_mismatch=allow_base_mismatch))
     return composed
