@@ -192,7 +192,8 @@ def compose(recipe: Recipe, sources: Sequence[DeltaSource | Mapping[str, LowRank
             else:
                 sink(name, out.x)
         del parts, out
-        _release_freed_memory()
+        if sink is not None:  # streaming: hand each module's memory back before the next
+            _release_freed_memory()
     return result
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorablocks.core.algebra import LowRank, to_dense
+from lorablocks.core.algebra import LowRank
 from lorablocks.errors import LoraBlocksError, ModelError, NonFiniteError, ShapeMismatchError, one_line
 from lorablocks.files.outputs import atomic_dir, utc_now, versions
 
@@ -56,18 +56,19 @@ def check_delta_fits(model: nn.Module, delta: Mapping[str, LowRank], label: str 
 
 @torch.no_grad()
 def merged_weight(original: torch.Tensor, x: LowRank, transposed: bool, name: str, weight: float = 1.0) -> torch.Tensor:
-    """``W0 + weight * dW`` (``dW.T`` for a transposed ``Conv1D``), formed in float32 or wider, in ``W0``'s dtype.
+    """``W0 + weight * B @ A`` (``+ (B @ A).T`` for a transposed ``Conv1D``), in float32 or wider, in ``W0``'s dtype.
 
-    The one place a merged weight is computed, so that merging the same delta into the same original
-    weight gives the same bits wherever it happens (a file, an evaluation, a live server).
+    One fused ``addmm`` from the factors (no separate dense delta), and the one place a merged weight is
+    computed, so that merging the same delta into the same original weight gives the same bits wherever it
+    happens (a merged model folder, an evaluation, a live server).
     """
     compute = torch.promote_types(original.dtype, torch.float32)
-    dense = to_dense(x, compute) * weight
-    if not torch.isfinite(dense).all():
+    B, A = x.B.to(original.device, compute), x.A.to(original.device, compute) * weight
+    base = original.to(compute)
+    out = torch.addmm(base, A.T, B.T) if transposed else torch.addmm(base, B, A)
+    if not torch.isfinite(out).all() and torch.isfinite(base).all():
         raise NonFiniteError(f"module {name}: the merged delta has NaN or inf")
-    if transposed:
-        dense = dense.T
-    return (original.to(compute) + dense.to(original.device)).to(original.dtype)
+    return out.to(original.dtype)
 
 
 @torch.no_grad()

@@ -25,7 +25,17 @@ from lorablocks.core.algebra import LowRank
 from lorablocks.errors import BaseModelMismatchError
 from lorablocks.model.merge import check_delta_fits, merged_weight, target_weight
 
-__all__ = ["ApplyReport", "ComposedModel"]
+__all__ = ["ApplyReport", "ComposedModel", "Prepared"]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """New weights computed for a composition, not yet written into the model."""
+
+    weights: dict[str, torch.Tensor]
+    delta: dict[str, LowRank]
+    recipe: Recipe | None
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -81,23 +91,32 @@ class ComposedModel:
         return deltas
 
     @torch.no_grad()
-    def apply(self, delta: Mapping[str, LowRank], recipe: Recipe | None = None) -> ApplyReport:
-        """Make ``W0 + delta`` the model's weights (replacing whatever composition was active)."""
+    def prepare(self, delta: Mapping[str, LowRank], recipe: Recipe | None = None) -> Prepared:
+        """Compute the weights ``W0 + delta`` without touching the model (generations may run meanwhile)."""
         t0 = time.perf_counter()
         check_delta_fits(self.model, delta)
         new: dict[str, torch.Tensor] = {}
         for name, x in delta.items():
             param, transposed = target_weight(self.model, name)
-            original = self._pristine.get(name, param)
-            new[name] = merged_weight(original, x, transposed, name)
-        for name in new:
+            new[name] = merged_weight(self._pristine.get(name, param), x, transposed, name)
+        return Prepared(new, dict(delta), recipe, time.perf_counter() - t0)
+
+    @torch.no_grad()
+    def commit(self, prepared: Prepared) -> ApplyReport:
+        """Write prepared weights into the model (a copy per module) and restore the modules left behind."""
+        t0 = time.perf_counter()
+        for name in prepared.weights:
             if name not in self._pristine:
                 self._pristine[name] = target_weight(self.model, name)[0].detach().clone()
-        restored = self._restore(self._active - set(new))
-        for name, w in new.items():
+        restored = self._restore(self._active - set(prepared.weights))
+        for name, w in prepared.weights.items():
             target_weight(self.model, name)[0].copy_(w)
-        self._active, self.recipe, self._delta = set(new), recipe, dict(delta)
-        return ApplyReport(len(new), restored, time.perf_counter() - t0, self.fingerprint)
+        self._active, self.recipe, self._delta = set(prepared.weights), prepared.recipe, prepared.delta
+        return ApplyReport(len(prepared.weights), restored, prepared.seconds + time.perf_counter() - t0, self.fingerprint)
+
+    def apply(self, delta: Mapping[str, LowRank], recipe: Recipe | None = None) -> ApplyReport:
+        """Make ``W0 + delta`` the model's weights (replacing whatever composition was active)."""
+        return self.commit(self.prepare(delta, recipe))
 
     def apply_recipe(self, recipe: Recipe, sources: Sequence[DeltaSource | Mapping[str, LowRank]]) -> tuple[Composition, ApplyReport]:
         """Compose ``recipe`` from ``sources`` and make it the active composition."""

@@ -157,9 +157,10 @@ class LiveModel:
             self.library.path(n)
         loaded = [self.library.get(n) for n in names]
         delta, recipe = self._compose(loaded, [float(w) for _, w in entries])
+        prepared = self.composed.prepare(delta, recipe) if recipe is not None else None  # outside the lock
         t1 = time.perf_counter()
-        with self.lock.write():
-            report = self.composed.apply(delta, recipe) if recipe is not None else self.composed.clear()
+        with self.lock.write():  # generations wait only for the copy into the weights
+            report = self.composed.commit(prepared) if prepared is not None else self.composed.clear()
             active = tuple(ActiveBlock(n, float(w)) for n, w in entries)
             self._current = (active, report.fingerprint or BASE_FINGERPRINT)
         t2 = time.perf_counter()
