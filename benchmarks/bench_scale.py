@@ -57,7 +57,7 @@ def write_adapter(out: Path, layers: int, seed: int) -> None:
     import torch
 
     from lorablocks.core.algebra import LowRank
-    from lorablocks.files.adapters import AdapterWriter
+    from lorablocks.files.writer import AdapterWriter
 
     g = torch.Generator().manual_seed(seed)
     with AdapterWriter(out, base_model="meta-llama/Meta-Llama-3-70B") as w:

@@ -47,7 +47,7 @@ PROMPT = "Tell me a short story about a cat."
 def write_blocks(model: torch.nn.Module, root: Path, names: list[str], rank: int = 4, rel: float = 0.05) -> None:
     """Blocks of the paper's shape with random non-zero factors, ``|dW| ~ rel * |W|`` per module."""
     from lorablocks.core.algebra import LowRank
-    from lorablocks.files.adapters import save_adapter
+    from lorablocks.files.writer import save_adapter
 
     for seed, name in enumerate(names, start=1):
         g, delta = torch.Generator().manual_seed(seed), {}

@@ -15,7 +15,8 @@ import torch
 
 from lorablocks.core.algebra import LowRank
 from lorablocks.errors import LoraBlocksError
-from lorablocks.files.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
+from lorablocks.files.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter
+from lorablocks.files.writer import save_adapter
 
 CASES = 150  # per corruption family; 600 in all, about a second
 

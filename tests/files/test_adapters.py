@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lorablocks.core import algebra
-from lorablocks.files.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
+from lorablocks.files.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter
+from lorablocks.files.writer import save_adapter
 from lorablocks.compose.operations import CombineRequest, combine_files
 from lorablocks.errors import AdapterFormatError, LoraBlocksError, NonFiniteError, UnsupportedAdapterError
 from lorablocks.model.merge import apply_delta

@@ -21,7 +21,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")
 def write_random_block(model: torch.nn.Module, out: Path, seed: int, rank: int = 4, rel: float = 0.1) -> Path:
     """A rank-``rank`` block on the paper's targets with random non-zero factors, ``|dW| ~ rel * |W|``."""
     from lorablocks.core.algebra import LowRank
-    from lorablocks.files.adapters import save_adapter
+    from lorablocks.files.writer import save_adapter
 
     g, delta = torch.Generator().manual_seed(seed), {}
     for name, module in model.named_modules():

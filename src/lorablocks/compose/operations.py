@@ -18,7 +18,8 @@ from lorablocks.compose.recipe import Block, Composition, Recipe, compose, make_
 from lorablocks.core import algebra
 from lorablocks.core.overlap import adapter_stats, overlap_matrices
 from lorablocks.errors import BaseModelMismatchError, CompositionError, LoraBlocksError, ShapeMismatchError
-from lorablocks.files.adapters import AdapterFile, AdapterWriter, load_adapter, open_adapter
+from lorablocks.files.adapters import AdapterFile, load_adapter, open_adapter
+from lorablocks.files.writer import AdapterWriter
 from lorablocks.files.outputs import check_output_free, versions
 
 __all__ = [
