@@ -149,12 +149,12 @@ def test_interrupted_combine_exits_130_in_one_line(tmp_path, blocks, capsys, mon
 _BLOCKED = """
 import sys, time
 from pathlib import Path
-from lorablocks.files import adapters
+from lorablocks.files import writer
 READY = Path(sys.argv[1])
 def block(self, name, x):
     READY.write_text("ready")
     time.sleep(60)
-adapters.AdapterWriter.add = block
+writer.AdapterWriter.add = block
 from lorablocks.cli import main
 sys.argv = ["lorablocks", "combine", *sys.argv[2:]]
 main()
