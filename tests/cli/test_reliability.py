@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lorablocks.cli import run_app
-from lorablocks.files import adapters as adapter_files
+from lorablocks.files import writer as adapter_files
 from lorablocks.files.adapters import load_adapter
 from tests.tiny_models import make_peft_adapter
 
