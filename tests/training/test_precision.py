@@ -95,20 +95,36 @@ def test_config_accepts_the_three_values_and_refuses_others():
 # --------------------------------------------------------------------------------------------- loss
 
 
-def test_fp32_head_keeps_the_logits_out_of_autocast(tok):
+def test_head_and_attention_stay_float32_under_bf16(tok):
+    """The loss's head runs outside autocast; on a CPU, attention takes float32 inputs for the duration of
+    ``attention()`` (transformers' own switch, undone after; no change without bf16 or off the CPU)."""
+    from transformers.integrations import sdpa_attention
+
     model = tiny_llama(len(tok))
-    seen = []
-    model.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    heads, attn = [], []
+    model.lm_head.register_forward_hook(lambda mod, inp, out: heads.append(out.dtype))
+    real = sdpa_attention.sdpa_attention_forward
+    spy = lambda module, q, *a, **kw: attn.append(q.dtype) or real(module, q, *a, **kw)  # noqa: E731
     ids = torch.tensor([tok("Question: what is two plus three? Answer: five.")["input_ids"]])
     mask, targets = torch.ones_like(ids), torch.zeros_like(ids, dtype=torch.bool)
     targets[0, 3:-1] = True
     ref, _ = AnswerNLL(model)(ids, mask, targets)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        kept, _ = AnswerNLL(model)(ids, mask, targets)
-        rounded, _ = AnswerNLL(model, fp32_head=False)(ids, mask, targets)
-    assert seen == [torch.float32, torch.float32, torch.bfloat16]
-    assert kept.dtype == rounded.dtype == torch.float32
-    assert torch.allclose(kept, ref, rtol=2e-2) and torch.allclose(rounded, ref, rtol=5e-2)
+    bf16 = prec.ResolvedPrecision("bf16", "bf16", "cpu", "test")
+    sdpa_attention.sdpa_attention_forward = spy
+    try:
+        with bf16.attention(model):
+            assert model.config._attn_implementation == prec.FP32_SDPA
+            same, _ = AnswerNLL(model)(ids, mask, targets)  # float32 outside autocast: bit for bit
+            with bf16.autocast():
+                kept, _ = AnswerNLL(model)(ids, mask, targets)
+    finally:
+        sdpa_attention.sdpa_attention_forward = real
+    assert model.config._attn_implementation == "sdpa"
+    assert heads == [torch.float32] * 3 and attn == [torch.float32] * 4  # 2 layers x 2 passes
+    assert torch.equal(same, ref) and kept.dtype == torch.float32 and torch.allclose(kept, ref, rtol=2e-2)
+    for other in (prec.ResolvedPrecision("fp32", "fp32", "cpu", "t"), prec.ResolvedPrecision("bf16", "bf16", "cuda", "t")):
+        with other.attention(model):
+            assert model.config._attn_implementation == "sdpa"
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -135,6 +151,7 @@ def test_bf16_training_keeps_lora_and_optimizer_float32_and_lands_near_fp32(tiny
         assert {k.split(".", 1)[1] for k in optim} >= {"exp_avg", "exp_avg_sq"}
         assert all(t.dtype == torch.float32 for t in optim.values()), p
         assert out_dtypes[-1] == {"fp32": torch.float32, "bf16": torch.bfloat16}[p]  # a base projection's output
+    assert model.config._attn_implementation == "sdpa"  # the caller's model back as it was
     assert runs["bf16"]["precision"] == {"setting": "bf16", "used": "bf16", "device": "cpu",
                                          "reason": "native bf16 on cpu: test says so"}
     assert json.loads((tmp_path / "fp32" / RECORD_NAME).read_text())["precision"]["used"] == "fp32"

@@ -12,7 +12,8 @@
 4. :func:`_wrap_lora` / :func:`_prepare_optimizer`: PEFT LoRA with a seeded initialisation, AdamW with
    warm-up and linear decay, prepared by Accelerate; the precision resolved once
    (:func:`~lorablocks.training.precision.resolve_precision`): under bf16 the forward passes run in
-   ``torch.autocast(bfloat16)`` while the LoRA factors, gradients and optimizer state stay float32;
+   ``torch.autocast(bfloat16)`` (head, loss and, on a CPU, attention in float32) while the LoRA factors,
+   gradients and optimizer state stay float32;
 5. :func:`_run_steps`: each :func:`_train_step` splits the global batch across processes, each process sums
    the NLL of its counted (answer + EOS) tokens, and the loss is normalised by the *global* token count, so
    the gradient is the token-weighted mean over the whole batch whatever the number of processes;
@@ -279,9 +280,8 @@ def _wrap_lora(config: TrainConfig, model: Any) -> tuple[Any, list[str]]:
 def _prepare_optimizer(config: TrainConfig, peft_model: Any, targets: list[str], accelerator: Any,
                        precision: ResolvedPrecision) -> LoraRun:
     """AdamW over the LoRA factors (float32 whatever the precision) with warm-up and linear decay,
-    prepared by Accelerate. Under bf16 the training loss takes its logits from the bf16 head (faster; the
-    cross-entropy is still float32); validation keeps the head in float32 (:func:`_validate`)."""
-    loss = AnswerNLL(peft_model, fp32_head=False)
+    prepared by Accelerate."""
+    loss = AnswerNLL(peft_model)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.warmup_steps, config.max_steps))
@@ -313,7 +313,7 @@ def _resume(config: TrainConfig, lora: LoraRun, checkpoint: Path | None) -> Trai
 def _validation_loss(loss_mod: AnswerNLL, val: list[list[TokenizedExample]], pad: int, batch_tokens: int, accelerator,
                      precision: ResolvedPrecision) -> list[tuple[float, int]]:
     """Summed NLL and counted tokens per domain, sharded over processes and reduced, in the run's precision
-    (with a float32 head, bf16 moves the NLL by about 0.01 %: :mod:`lorablocks.training.evaluate`)."""
+    (bf16 moves the NLL by about 0.01 %: :mod:`lorablocks.training.evaluate`)."""
     model = loss_mod.model
     was = model.training
     model.eval()
@@ -338,7 +338,7 @@ def _validate(lora: LoraRun, data: TrainData, state: TrainState, step: int, bar:
     if not data.val:
         return
     t0 = time.perf_counter()
-    res = _validation_loss(AnswerNLL(lora.peft_model, fp32_head=True), [v.examples for v in data.val], data.pad, data.val_batch_tokens, lora.accelerator,
+    res = _validation_loss(lora.loss, [v.examples for v in data.val], data.pad, data.val_batch_tokens, lora.accelerator,
                            lora.precision)
     total_nll, total_tok = sum(s for s, _ in res), sum(c for _, c in res)
     entry = {
@@ -480,7 +480,8 @@ def train_adapter(config: TrainConfig, *, model: Any = None, tokenizer: Any = No
         state = _resume(config, lora, checkpoint)
         bar = _Progress(progress and accelerator.is_main_process, config.max_steps, state.step)
         try:
-            seconds = _run_steps(config, lora, data, state, bar)
+            with precision.attention(peft_model):
+                seconds = _run_steps(config, lora, data, state, bar)
         finally:
             bar.close()
         record = _record(config, lora, data, state, seconds, checkpoint)
