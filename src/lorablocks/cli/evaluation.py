@@ -36,6 +36,7 @@ def eval_cmd(
     limit: Annotated[Optional[int], typer.Option("--limit", help="First N examples per domain.")] = None,
     max_length: Annotated[int, typer.Option("--max-length", help="Max tokens per example; longer ones are truncated and counted.")] = 512,
     batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Max padded tokens per batch.")] = 4096,
+    precision: Annotated[str, typer.Option("--precision", help="auto (bf16 where the CPU/GPU has it natively), fp32 or bf16; the head and the NLL stay fp32.")] = "auto",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")] = None,
     allow_base_mismatch: Annotated[bool, typer.Option("--allow-base-mismatch", "--ignore-base-model", help="Evaluate adapters whose configs record another base model (shapes are still checked).")] = False,
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Cache root for the built-in model.")] = None,
@@ -56,7 +57,7 @@ def eval_cmd(
         domains=list(data or []) + more_domains, model=model, adapters=adapters, method=method,
         weights=parse_weights(weights, len(adapters)) if adapters else (None if weights is None else []),
         split=split, limit=limit, max_length=max_length, batch_tokens=batch_tokens,
-        allow_base_mismatch=allow_base_mismatch, cache_dir=cache_dir)
+        allow_base_mismatch=allow_base_mismatch, cache_dir=cache_dir, precision=precision)
     report = run_evaluation(request)
     console.print(_score_table(report.result, split))
     if json_out is not None:

@@ -135,7 +135,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "standard": {
         "domains": ["math", "medicine", "biomed", "finance", "code"],
         "merged_subsets": "pairs",
-        "train": {"steps_per_domain": 24, "batch_size": 8, "max_length": 128, "val_limit": 16},
+        "train": {"steps_per_domain": 20, "batch_size": 8, "max_length": 128, "val_limit": 16},
         "eval": {"limit": 50, "max_length": 192},
         "methods": [{"name": "ties", "params": {"density": 0.5}}],
         "methods_max_size": 2,

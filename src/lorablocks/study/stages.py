@@ -237,7 +237,7 @@ def _score(ctx: StudyContext, job: EvalJob, trained: Trained, eval_set) -> dict:
     delta = compose(job.recipe, [trained.deltas[k] for k in job.blocks]).delta if job.recipe else None
     t0 = time.perf_counter()
     with session.composed(delta, job.recipe):
-        res = evaluate_perplexity(session.model, sub)
+        res = evaluate_perplexity(session.model, sub, precision=ctx.config.eval.precision)
     back = dict(zip(names, job.domains))
     return {"label": job.label, "kind": job.kind, "seed": job.seed, "subset": list(job.subset),
             "recipe": job.recipe.fingerprint() if job.recipe else None, "seconds": time.perf_counter() - t0,

@@ -41,6 +41,8 @@ class EvalRequest:
     batch_tokens: int = DEFAULT_EVAL_BATCH_TOKENS
     allow_base_mismatch: bool = False
     cache_dir: str | os.PathLike | None = None
+    #: the model body's precision (auto: bf16 where native); the head and the NLL stay fp32
+    precision: str = "auto"
 
     def problems(self) -> list[tuple[str, str]]:
         """Every invalid setting as ``(setting, message)`` (empty when the request is valid)."""
@@ -49,6 +51,8 @@ class EvalRequest:
             out.append(("limit", f"limit must be a positive integer, got {self.limit}"))
         if self.split not in ("train", "validation", "test"):
             out.append(("split", f"split must be train, validation or test, got {self.split!r}"))
+        if self.precision not in ("auto", "fp32", "bf16"):
+            out.append(("precision", f"precision must be auto, fp32 or bf16, got {self.precision!r}"))
         if self.max_length < 16:
             out.append(("max_length", f"max_length must be >= 16, got {self.max_length}"))
         if self.weights is not None and not self.adapters:
@@ -91,13 +95,13 @@ def run_evaluation(request: EvalRequest) -> EvalReport:
     if recipe is not None:
         session.apply_recipe(recipe, files)  # checks every module's shape before touching a weight
     try:
-        result = evaluate_perplexity(session.model, eval_set)
+        result = evaluate_perplexity(session.model, eval_set, precision=request.precision)
     finally:
         session.clear()
     record = {
         "tool": "lorablocks", "kind": "eval", "model": session.model_id,
         "recipe": recipe.record() if recipe else None, "split": request.split, "limit": request.limit,
-        "max_length": request.max_length,
+        "max_length": request.max_length, "precision": request.precision,
         "data": {d.name: {"source": d.source, "sha256": eval_set.fingerprints.get(d.name)} for d in domains},
         **result.to_dict(), "versions": versions(),
     }
