@@ -298,3 +298,19 @@ def test_checkpoint_round_trip_without_pickle(tmp_path):
     (path / "state.json").write_text("{not json")
     with pytest.raises(ConfigError, match="unreadable"):
         load_checkpoint(path, model2, opt2, sched2, acc)
+
+
+def test_force_never_replaces_a_folder_lorablocks_did_not_make(tmp_path, domains, tiny_model_dirs, capsys):
+    from lorablocks.cli import run_app
+
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    code = run_app(["train", "--model", str(tiny_model_dirs["llama"]), "--data", str(domains["math"]), "--out", str(mine),
+                    "--max-steps", "1", "--force", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "did not make" in err
+    assert (mine / "notes.txt").read_text() == "precious"
+    code = run_app(["train", "--model", str(tiny_model_dirs["llama"]), "--data", str(domains["math"]),
+                    "--out", str(domains["math"]), "--max-steps", "1", "--force", "--quiet"])
+    assert code == 2 and (domains["math"] / "train.jsonl").is_file()

@@ -435,10 +435,15 @@ def _record(config: TrainConfig, lora: LoraRun, data: TrainData, state: TrainSta
     }
 
 
+def _inputs(config: TrainConfig) -> list[str]:
+    """What the output may never replace: the data files and folders, and a local model folder."""
+    return [d for d in [*config.data, config.model] if Path(d).exists()]
+
+
 def _write_output(config: TrainConfig, lora: LoraRun, record: dict[str, Any]) -> None:
     """The adapter and its record into ``config.out`` (atomically, main process); drop the checkpoints."""
     if lora.accelerator.is_main_process:
-        with atomic_dir(Path(config.out), force=config.force) as tmp:
+        with atomic_dir(Path(config.out), force=config.force, kind="adapter", inputs=_inputs(config)) as tmp:
             lora.peft_model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
             (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2, default=str) + "\n")
         if config.checkpoint_path.is_dir() and not config.keep_checkpoints:
@@ -457,8 +462,7 @@ def train_adapter(config: TrainConfig, *, model: Any = None, tokenizer: Any = No
 
     config.require_complete()
     out = Path(config.out)
-    if out.exists() and not config.force:
-        check_output_free(out, config.force)  # raises OutputExistsError
+    check_output_free(out, config.force, kind="adapter", inputs=_inputs(config))  # before any work
     checkpoint, skipped = latest_checkpoint(config.checkpoint_path) if config.resume else (None, [])
     for path in skipped:
         log.warning(f"ignoring {path}: not a lorablocks checkpoint (safetensors + JSON); pickled files are never loaded")
