@@ -187,3 +187,17 @@ def test_usage_errors_are_reported_without_traceback(argv, capsys):
     code, out, err = run(argv, capsys)
     assert code == 2
     assert "Traceback" not in out + err and ("Usage" in out + err or "Error" in out + err)
+
+
+def test_similarity_json_and_plot_to_one_path_is_refused_before_writing(tmp_path, adapters, capsys):
+    out = tmp_path / "same"
+    code, _, err = run(["similarity", *adapters, "--json", out, "--plot", out], capsys)
+    assert code == 2 and "different files" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_inspect_sorts_modules_naturally(tmp_path, capsys):
+    from lorablocks.compose.operations import natural_key
+
+    names = ["model.layers.10.q", "model.layers.2.q", "model.layers.1.q"]
+    assert sorted(names, key=natural_key) == ["model.layers.1.q", "model.layers.2.q", "model.layers.10.q"]

@@ -190,3 +190,13 @@ def test_bucket_by_tokens_covers_each_index_once_within_budget():
     # longest first: [64] [50] [31, 30] [10, 9, 8, 7, 5, 2] -> padding 1 + 19 tokens
     assert [[lengths[i] for i in b] for b in batches] == [[64], [50], [31, 30], [10, 9, 8, 7, 5, 2]]
     assert all(len(b) <= 2 for b in bucket_by_tokens(lengths, max_tokens=1000, max_batch=2))
+
+
+def test_bad_utf8_is_named_by_its_line(tmp_path):
+    from lorablocks.errors import DataError
+    from lorablocks.training.data import read_jsonl
+
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(b'{"id": "1", "question": "q", "answer": "a"}\n{"id": "2", "question": "\xff", "answer": "a"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:2: not UTF-8"):
+        read_jsonl(f)

@@ -116,20 +116,21 @@ def read_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[Exampl
     if not path.is_file():
         raise DataError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
     out: list[Example] = []
-    try:
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if limit is not None and len(out) >= limit:
-                    break
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-                out.append(_parse_line(obj, path, lineno))
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    with open(path, "rb") as fh:  # bytes, so that a bad UTF-8 sequence is named by its line
+        for lineno, raw in enumerate(fh, start=1):
+            if limit is not None and len(out) >= limit:
+                break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            out.append(_parse_line(obj, path, lineno))
     if not out:
         raise DataError(f"{path} holds no examples")
     return out
