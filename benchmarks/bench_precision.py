@@ -10,7 +10,7 @@ and thread count (``--threads``, default 2) for every variant:
    order rotated per round, after one warm-up round; the per-round time ratio fp32 / bf16 is the answer
    tokens/s ratio of that batch, and the median over rounds is reported (robust to the load of a shared
    machine drifting between runs). Variants: ``fp32``; ``bf16`` (what training uses: bf16 autocast, with
-   the output head, the cross-entropy and, on a CPU, attention in float32); ``bf16, bf16 attention`` (for
+   the cross-entropy and, on a CPU, attention in float32); ``bf16, bf16 attention`` (for
    the record: why attention stays float32 on a CPU). Floor: bf16 >= 1.4x fp32 answer tokens/s.
 2. **curves**: three full ``train_adapter`` runs of ``--steps`` steps, validation every ``--eval-every``
    steps on the first ``--val-limit`` math validation examples: fp32 seed 0, bf16 seed 0, fp32 seed 1.
@@ -151,8 +151,8 @@ def _print_speed(s: dict) -> None:
     for name in ("fp32", "bf16", "bf16, bf16 attention"):
         v = s[name]
         print(f"  {name:21s} {v['median_step_s']:6.2f} s/step  {v['median_answer_tokens_per_s']:7.0f} answer tok/s  "
-              f"{v['ratio_vs_fp32']:.2f}x fp32")
-    print(f"  bf16 vs fp32: {s['bf16']['ratio_vs_fp32']:.2f}x answer tokens/s (floor {SPEED_FLOOR}x): "
+              f"{v['ratio_vs_fp32']:.3f}x fp32")
+    print(f"  bf16 vs fp32: {s['bf16']['ratio_vs_fp32']:.3f}x answer tokens/s (floor {SPEED_FLOOR}x): "
           f"{'PASS' if s['passed'] else 'FAIL'}", flush=True)
 
 

@@ -96,8 +96,9 @@ def test_config_accepts_the_three_values_and_refuses_others():
 
 
 def test_head_and_attention_stay_float32_under_bf16(tok):
-    """The loss's head runs outside autocast; on a CPU, attention takes float32 inputs for the duration of
-    ``attention()`` (transformers' own switch, undone after; no change without bf16 or off the CPU)."""
+    """Measuring (no gradient), the loss's head runs outside autocast (training keeps it under autocast); on
+    a CPU, attention takes float32 inputs for the duration of ``attention()`` (transformers' own switch,
+    undone after; no change without bf16 or off the CPU)."""
     from transformers.integrations import sdpa_attention
 
     model = tiny_llama(len(tok))
@@ -108,20 +109,27 @@ def test_head_and_attention_stay_float32_under_bf16(tok):
     ids = torch.tensor([tok("Question: what is two plus three? Answer: five.")["input_ids"]])
     mask, targets = torch.ones_like(ids), torch.zeros_like(ids, dtype=torch.bool)
     targets[0, 3:-1] = True
-    ref, _ = AnswerNLL(model)(ids, mask, targets)
+    loss = AnswerNLL(model)
+    with torch.no_grad():
+        ref, _ = loss(ids, mask, targets)
     bf16 = prec.ResolvedPrecision("bf16", "bf16", "cpu", "test")
     sdpa_attention.sdpa_attention_forward = spy
     try:
-        with bf16.attention(model):
+        with bf16.attention(model), torch.no_grad():
             assert model.config._attn_implementation == prec.FP32_SDPA
-            same, _ = AnswerNLL(model)(ids, mask, targets)  # float32 outside autocast: bit for bit
+            same, _ = loss(ids, mask, targets)  # float32 outside autocast: bit for bit
             with bf16.autocast():
-                kept, _ = AnswerNLL(model)(ids, mask, targets)
+                kept, _ = loss(ids, mask, targets)
+        with bf16.attention(model), bf16.autocast():
+            trained, _ = loss(ids, mask, targets)
     finally:
         sdpa_attention.sdpa_attention_forward = real
     assert model.config._attn_implementation == "sdpa"
-    assert heads == [torch.float32] * 3 and attn == [torch.float32] * 4  # 2 layers x 2 passes
-    assert torch.equal(same, ref) and kept.dtype == torch.float32 and torch.allclose(kept, ref, rtol=2e-2)
+    assert heads == [torch.float32] * 3 + [torch.bfloat16] and attn == [torch.float32] * 6  # 2 layers x 3 passes
+    assert torch.equal(same, ref) and kept.dtype == trained.dtype == torch.float32
+    assert torch.allclose(kept, ref, rtol=2e-2) and torch.allclose(trained, ref, rtol=5e-2)
+    trained.sum().backward()  # the gradient flows through the bf16 head into float32 parameters
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
     for other in (prec.ResolvedPrecision("fp32", "fp32", "cpu", "t"), prec.ResolvedPrecision("bf16", "bf16", "cuda", "t")):
         with other.attention(model):
             assert model.config._attn_implementation == "sdpa"
@@ -218,9 +226,10 @@ def test_evaluation_in_bf16_agrees_with_fp32_and_auto_without_native_is_fp32(tok
     _native(monkeypatch, False)
     auto = evaluate_perplexity(model, es, precision="auto")
     assert auto.per_example == ref.per_example  # fp32: bit for bit
+    assert (ref.precision["setting"], ref.precision["used"], auto.precision["used"]) == ("fp32", "fp32", "fp32")
     _native(monkeypatch, True)
     bf16 = evaluate_perplexity(model, es, precision="bf16")
-    assert bf16.per_example != ref.per_example
+    assert bf16.per_example != ref.per_example and bf16.precision["used"] == "bf16"
     for name in ref.domains:
         assert bf16.domains[name].perplexity == pytest.approx(ref.domains[name].perplexity, rel=5e-3), name
     assert not torch.is_autocast_enabled("cpu") and all(p.dtype == torch.float32 for p in model.parameters())

@@ -92,7 +92,7 @@ class OptimSettings(Settings):
     train_limit: Optional[int] = Field(None, ge=1, description="Use the first N training examples per domain (default: all).")
     val_limit: int = Field(100, ge=0, description="Validation examples per domain (the first N); 0: no validation.")
     checkpoint_every: int = Field(50, ge=0, description="Checkpoint every N steps; 0: none.")
-    precision: Precision = Field("auto", description="auto: bf16 autocast where the CPU/GPU has native bf16, else fp32; fp32; bf16 (fp32 with a warning where not native). LoRA weights and optimizer state stay fp32.")
+    precision: Precision = Field("auto", description="auto (bf16 autocast where the CPU/GPU has native bf16, else fp32), fp32 or bf16 (fp32 with a warning where not native); LoRA weights and optimizer state stay fp32.")
 
 
 class TrainConfig(OptimSettings, LoraSettings):

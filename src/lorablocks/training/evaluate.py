@@ -11,12 +11,14 @@ weights, runs the bucketed batches and restores the exact original weights.
 
 **Precision.** ``precision="bf16"`` (or ``"auto"`` where the hardware has native bf16, see
 :func:`~lorablocks.training.precision.resolve_precision`) runs the model body under bf16 autocast while
-the output head, the cross-entropy and (on a CPU) attention stay float32
-(:class:`~lorablocks.training.loss.AnswerNLL`, :meth:`~lorablocks.training.precision.ResolvedPrecision.attention`). Measured on the default model (SmolLM2-135M, 30 test examples each of math and medicine,
-max length 512), against float32: math 3.6677 vs 3.6673 (-0.010 %), medicine 10.9679 vs 10.9678
-(-0.001 %), joint 7.7498 vs 7.7495 (-0.004 %), in 62 s instead of 115 s; with the head in bf16 as well
-the bias grows to +0.16 / +0.09 / +0.11 %. Both agree within the 0.5 % the issue asks, so evaluation may
-use bf16; the library's default stays ``fp32`` (a caller's config passes its setting, ``auto`` by default).
+the output head, the cross-entropy and (on a CPU) attention stay float32 (:class:`AnswerNLL`,
+:meth:`~lorablocks.training.precision.ResolvedPrecision.attention`). Measured against float32 on the
+default model (SmolLM2-135M, the first 30 test examples of math and of medicine, max length 512;
+``benchmarks/bench_precision.py``): base model math 3.6677 vs 3.6662 (-0.040 %), medicine 10.9679 vs
+10.9644 (-0.032 %), joint 7.7498 vs 7.7471 (-0.035 %); with a trained math adapter merged +0.024 %,
+-0.001 %, +0.007 %; 1.5x faster (52 s vs 33 s on 2 shared cores). With the head in bf16 as well the bias
+was +0.16 / +0.09 / +0.11 %. That is within the 0.5 % the issue allows, so evaluation may use bf16; this
+function's default stays ``fp32`` (callers pass their config's setting, whose default is ``auto``).
 """
 
 from __future__ import annotations
@@ -80,11 +82,13 @@ class DomainScore:
 
 @dataclass
 class EvalResult:
-    """Per-domain scores, the joint score, and per-example NLLs (for further analysis)."""
+    """Per-domain scores, the joint score, per-example NLLs (for further analysis), and the precision used
+    (:meth:`~lorablocks.training.precision.ResolvedPrecision.to_dict`: setting, used, device, reason)."""
 
     domains: dict[str, DomainScore]
     joint: DomainScore
     per_example: dict[str, list[tuple[float, int]]] = field(default_factory=dict, repr=False)
+    precision: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -203,4 +207,6 @@ def evaluate_perplexity(
                 per = _score(model, eval_set, precision)
     finally:
         model.train(was_training)
-    return _aggregate(per, eval_set)
+    result = _aggregate(per, eval_set)
+    result.precision = precision.to_dict()
+    return result

@@ -9,12 +9,15 @@ and one decision, :func:`resolve_precision`:
 - ``auto``: ``bf16`` where the device has it natively, else float32, silently.
 
 bf16 never touches the parameters: the LoRA factors, their gradients and the optimizer state stay float32
-(autocast casts a copy of each weight per matrix product), and the output head and the cross-entropy run
-in float32 (:class:`~lorablocks.training.loss.AnswerNLL`). On a CPU, attention stays float32 too
-(:meth:`ResolvedPrecision.attention`): there the bf16 attention backward was 3x slower than float32's
-(SmolLM2-135M, batch 8 x 128, AVX-512 BF16 without AMX), which cut the training speed-up from 1.5x to 1.3x. Native bf16 means: CUDA ``torch.cuda.is_bf16_supported()``
-without emulation; CPU ``avx512_bf16`` or ``amx_bf16`` among the x86 flags of ``/proc/cpuinfo`` (``bf16``
-among an Arm CPU's features), or torch's own CPU capability checks where there is no ``/proc/cpuinfo``.
+(autocast casts a copy of each weight per matrix product); the cross-entropy runs in float32, and measured
+losses (validation, evaluation) take float32 logits (:class:`~lorablocks.training.loss.AnswerNLL`). On a
+CPU, attention stays float32 too (:meth:`ResolvedPrecision.attention`): there the bf16 attention backward
+was 3x slower than float32's (SmolLM2-135M, batch 8 x 128, AVX-512 BF16 without AMX), which cut the
+training speed-up from about 1.45x to 1.3x.
+
+Native bf16 means: CUDA ``torch.cuda.is_bf16_supported()`` without emulation; CPU ``avx512_bf16`` or
+``amx_bf16`` among the x86 flags of ``/proc/cpuinfo`` (``bf16`` among an Arm CPU's features), or torch's
+own CPU capability checks where there is no ``/proc/cpuinfo``.
 """
 
 from __future__ import annotations
@@ -22,10 +25,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 import typing
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ContextManager
 
 import torch

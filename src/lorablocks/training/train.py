@@ -12,8 +12,8 @@
 4. :func:`_wrap_lora` / :func:`_prepare_optimizer`: PEFT LoRA with a seeded initialisation, AdamW with
    warm-up and linear decay, prepared by Accelerate; the precision resolved once
    (:func:`~lorablocks.training.precision.resolve_precision`): under bf16 the forward passes run in
-   ``torch.autocast(bfloat16)`` (head, loss and, on a CPU, attention in float32) while the LoRA factors,
-   gradients and optimizer state stay float32;
+   ``torch.autocast(bfloat16)`` (cross-entropy and, on a CPU, attention in float32; validation with float32
+   logits) while the LoRA factors, gradients and optimizer state stay float32;
 5. :func:`_run_steps`: each :func:`_train_step` splits the global batch across processes, each process sums
    the NLL of its counted (answer + EOS) tokens, and the loss is normalised by the *global* token count, so
    the gradient is the token-weighted mean over the whole batch whatever the number of processes;
