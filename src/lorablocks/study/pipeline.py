@@ -72,8 +72,8 @@ def plan_jobs(ctx: StudyContext, trained: Trained, sums, merged_sets) -> tuple[l
     fits: dict = {}
     for seed in cfg.seeds:
         single = {d: (seed, (d,)) for d in cfg.domains}
-        jobs += [EvalJob(f"single:{d}", "single", seed, (d,), every, recipe_of(trained, [k], [1.0]), (k,))
-                 for d, k in single.items()]
+        jobs += [EvalJob(f"single:{d}", "single", seed, (d,), every if cfg.eval.singles_on_all else (d,),
+                         recipe_of(trained, [k], [1.0]), (k,)) for d, k in single.items()]
         for s in sums:
             keys = tuple(single[d] for d in s)
             jobs.append(EvalJob(f"sum:{tag(s)}", "sum", seed, s, s, recipe_of(trained, keys, [1.0] * len(s)), keys))
