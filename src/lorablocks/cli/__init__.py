@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 from types import ModuleType
 from typing import Any
@@ -24,6 +25,9 @@ _VERBS = ("adapters", "training", "evaluation", "study", "serving")
 
 def _load() -> ModuleType:
     """Import the app module and every verb module (each registers its commands); return the app module."""
+    # Idle OpenMP threads sleep instead of spinning: on shared cores spinning threads made steps 10-30x slower
+    # (benchmarks/bench_precision.py); must be set before torch is imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     module = importlib.import_module("lorablocks.cli.app")
     for name in _VERBS:
         if importlib.util.find_spec(f"lorablocks.cli.{name}") is not None:

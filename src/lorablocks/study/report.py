@@ -253,7 +253,7 @@ def _methods_section(r: StudyResult, files: dict) -> list[str]:
 
 
 def _training_section(r: StudyResult, files: dict) -> list[str]:
-    rows = [["+".join(t["subset"]), str(t["seed"]), str(len(t["loss_curve"])), str(t.get("precision") or "-"),
+    rows = [["+".join(t["subset"]), str(t["seed"]), str(len(t["loss_curve"])), str((t.get("precision") or {}).get("used", "-")),
              _f(t["loss_curve"][0].get("loss"), 3) if t["loss_curve"] else "-",
              _f(t["loss_curve"][-1].get("loss"), 3) if t["loss_curve"] else "-",
              " -> ".join(_f(v.get("loss"), 3) for v in t["validation"]) or "-"] for t in r.training]

@@ -101,7 +101,7 @@ def run_evaluation(request: EvalRequest) -> EvalReport:
     record = {
         "tool": "lorablocks", "kind": "eval", "model": session.model_id,
         "recipe": recipe.record() if recipe else None, "split": request.split, "limit": request.limit,
-        "max_length": request.max_length, "precision": request.precision,
+        "max_length": request.max_length, "precision": result.precision,
         "data": {d.name: {"source": d.source, "sha256": eval_set.fingerprints.get(d.name)} for d in domains},
         **result.to_dict(), "versions": versions(),
     }
