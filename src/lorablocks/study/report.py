@@ -53,6 +53,13 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def _p(v: Any) -> str:
+    """A permutation p-value: its smallest value is 1 / (resamples + 1), so very small ones read ``< 0.001``."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return "< 0.001" if v < 0.001 else f"{v:.3f}"
+
+
 def _real(iv: Interval) -> str:
     if iv.excludes_zero:
         return "better" if iv.value < 0 else "worse"
@@ -86,7 +93,7 @@ def _summary_predictors(r: StudyResult) -> list[str]:
         if st.get("slope") is None:
             continue
         lines.append(f"- {fit.level} fit vs {fit.predictor} ({st['n']} points): Spearman rho {_f(st['spearman_rho'])}, "
-                     f"Pearson r {_f(st['pearson_r'])} (permutation p {_f(st['permutation_p'], 3)}), slope "
+                     f"Pearson r {_f(st['pearson_r'])} (permutation p {_p(st['permutation_p'])}), slope "
                      f"{st['slope']:.3g} [{st['slope_ci'][0]:.3g}, {st['slope_ci'][1]:.3g}].")
     for name, iv in r.comparisons.items():
         verdict = ("function overlap predicts better" if iv.excludes_zero and iv.value > 0 else
@@ -140,8 +147,9 @@ def _setup(r: StudyResult) -> list[str]:
             f"{cfg['train']['learning_rate']}, max length {cfg['train']['max_length']}",
             f"- evaluation: `{cfg['eval']['split']}` split, {cfg['eval']['limit'] or 'all'} examples per domain, max length "
             f"{cfg['eval']['max_length']}; perplexity = exp(total answer-token NLL / answer tokens); joint perplexity pools "
-            "the same number of examples from each domain; a sum is scored on its own domains, the base model, the "
-            "singles and the unlearned sums on all",
+            "the same number of examples from each domain; a sum, a method and a merged-data adapter are scored on their "
+            "own domains, the base model and the unlearned sums on all, the singles on "
+            + ("all" if cfg["eval"].get("singles_on_all", True) else "their own"),
             f"- intervals: 95 % paired bootstrap over test examples ({cfg['analysis']['bootstrap_resamples']} resamples, "
             "stratified by domain and seed); `*` marks an interval that excludes 0",
             f"- compute: training {t.get('training_compute_s', 0) / 60:.1f} min, evaluation "
@@ -198,7 +206,7 @@ def _fits_section(r: StudyResult, files: dict) -> list[str]:
         st = fit.stats
         rows.append([fit.level, fit.predictor, str(st["n"]),
                      "-" if st["slope"] is None else f"{st['slope']:.3g} [{st['slope_ci'][0]:.3g}, {st['slope_ci'][1]:.3g}]",
-                     _f(st["pearson_r"], 3), _f(st["permutation_p"], 4), _f(st["r2"], 3), _f(st["spearman_rho"], 3)])
+                     _f(st["pearson_r"], 3), _p(st["permutation_p"]), _f(st["r2"], 3), _f(st["spearman_rho"], 3)])
     md += [_table(["level", "predictor", "points", "slope [95 %]", "Pearson r", "permutation p", "R^2", "Spearman rho"], rows), ""]
     for name, iv in r.comparisons.items():
         md += [f"{name}: {iv.value:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}] (bootstrap over points).", ""]
