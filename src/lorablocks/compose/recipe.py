@@ -166,10 +166,11 @@ def compose(recipe: Recipe, sources: Sequence[DeltaSource | Mapping[str, LowRank
     srcs = [_as_source(s) for s in sources]
     method = get_method(recipe.method)
     params = validate_params(method, recipe.params)
+    held = [set(s.modules) for s in srcs]  # once: a file source builds its module list on every call
     names = list(dict.fromkeys(n for s in srcs for n in s.modules))
     result = Composition(recipe=recipe, report=CompressionReport(mode=str(recipe.rank)))
     for name in names:
-        index = [i for i, s in enumerate(srcs) if name in s.modules]
+        index = [i for i, h in enumerate(held) if name in h]
         parts = [(recipe.blocks[i].weight, srcs[i].factors(name)) for i in index]
         algebra.check_compatible([{name: x} for _, x in parts], [recipe.blocks[i].name for i in index])
         if not method.uses_zero_weights:
