@@ -166,7 +166,7 @@ def train_stage(ctx: StudyContext, merged_sets: Sequence[tuple[str, ...]]) -> Tr
 
 def expose_adapters(ctx: StudyContext, trained: Trained) -> dict[str, Path]:
     """Copy each trained adapter to ``OUT/adapters/<name>`` (``-seedN`` with several seeds); returns the names."""
-    from lorablocks.files.outputs import atomic_dir, output_kind
+    from lorablocks.files.outputs import atomic_dir, output_kind, sha256_file
 
     several = len(ctx.config.seeds) > 1
     folder = ctx.out / "adapters"
@@ -175,10 +175,9 @@ def expose_adapters(ctx: StudyContext, trained: Trained) -> dict[str, Path]:
     for (seed, subset), src in trained.paths.items():
         name = ("merged-" if len(subset) > 1 else "") + tag(subset) + (f"-seed{seed}" if several else "")
         dest = folder / name
-        if (dest / "adapter_model.safetensors").is_file() and output_kind(dest) and \
-                (dest / "adapter_model.safetensors").stat().st_size == (src / "adapter_model.safetensors").stat().st_size \
-                and _same_file(dest / "adapter_model.safetensors", src / "adapter_model.safetensors"):
-            exposed[name] = dest
+        weights = dest / "adapter_model.safetensors"
+        if weights.is_file() and output_kind(dest) and sha256_file(weights) == trained.sha256[(seed, subset)]:
+            exposed[name] = dest  # already there: the cached block's hash is known, only the copy is read
             continue
         with atomic_dir(dest, force=dest.exists(), kind="adapter") as tmp:
             for f in src.iterdir():
@@ -186,12 +185,6 @@ def expose_adapters(ctx: StudyContext, trained: Trained) -> dict[str, Path]:
                     shutil.copy2(f, tmp / f.name)
         exposed[name] = dest
     return exposed
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    from lorablocks.files.outputs import sha256_file
-
-    return sha256_file(a) == sha256_file(b)
 
 
 # ----------------------------------------------------------------------------------------- evaluation
