@@ -31,7 +31,7 @@ def main() -> int:
     from lorablocks.model.session import ComposedModel
     from lorablocks.study.stats import paired_change
     from lorablocks.training.data import resolve_domains
-    from lorablocks.training.evaluate import evaluate_perplexity, prepare_eval_set
+    from lorablocks.passes.evaluate import evaluate_perplexity, prepare_eval_set
     from lorablocks.training.learned import LearnSettings, fit_layer_weights
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

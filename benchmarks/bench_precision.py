@@ -17,7 +17,7 @@ and thread count (``--threads``, default 2) for every variant:
    Noise criterion: the final validation losses of bf16 and fp32 (seed 0) agree if their difference is at
    most max(0.02 nats, the difference between the two fp32 seeds). Each run's own answer tokens/s
    (validation excluded) is printed too; runs are sequential, so that ratio feels the machine's load.
-3. **eval**: :func:`~lorablocks.training.evaluate.evaluate_perplexity` in fp32 and bf16 on the first
+3. **eval**: :func:`~lorablocks.passes.evaluate.evaluate_perplexity` in fp32 and bf16 on the first
    ``--eval-limit`` test examples of math and medicine, for the base model and with the fp32 run's adapter
    merged. Floor: every perplexity (per domain and joint) within 0.5 % of fp32.
 
@@ -45,7 +45,7 @@ import torch  # noqa: E402
 from lorablocks.files.adapters import load_adapter
 from lorablocks.model.models import load_model
 from lorablocks.training.data import resolve_domains
-from lorablocks.training.evaluate import evaluate_perplexity, prepare_eval_set
+from lorablocks.passes.evaluate import evaluate_perplexity, prepare_eval_set
 from lorablocks.training.precision import resolve_precision
 from lorablocks.training.train import TrainConfig, train_adapter
 

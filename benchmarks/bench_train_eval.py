@@ -4,7 +4,7 @@
 
 Measured side by side in one run, on the same loaded model and the same examples:
 
-1. **evaluation**: counted (answer + EOS) tokens per second of :func:`lorablocks.training.evaluate.evaluate_perplexity`
+1. **evaluation**: counted (answer + EOS) tokens per second of :func:`lorablocks.passes.evaluate.evaluate_perplexity`
    (length-bucketed batches, output head on counted positions only) versus a plain transformers loop:
    batches of ``--eval-batch`` examples in file order, right-padded, ``model(input_ids, attention_mask,
    labels)``. Both compute the same NLL (checked). Floor: 0.95x.
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from lorablocks.training.data import Domain, collate, tokenize_examples
-from lorablocks.training.evaluate import evaluate_perplexity, prepare_eval_set
+from lorablocks.passes.evaluate import evaluate_perplexity, prepare_eval_set
 from lorablocks.model.models import default_targets, load_model
 from lorablocks.training.train import TrainConfig, train_adapter
 

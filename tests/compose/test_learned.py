@@ -74,7 +74,7 @@ def test_hooked_blocks_equal_the_merged_sum(tmp_path, tiny_model_dirs, domains, 
     from lorablocks.model.models import load_model
     from lorablocks.model.session import ComposedModel
     from lorablocks.training.data import resolve_domains, tokenize_examples
-    from lorablocks.training.evaluate import AnswerNLL
+    from lorablocks.passes.evaluate import AnswerNLL
     from lorablocks.training.learned import _hooked, _loss
 
     model, tokenizer = load_model(str(tiny_model_dirs["llama"]))

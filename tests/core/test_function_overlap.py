@@ -6,7 +6,7 @@ import torch
 
 from lorablocks.core.algebra import LowRank, to_dense
 from lorablocks.core.function_overlap import function_overlap, stacked_A
-from lorablocks.model.activations import projected_grams
+from lorablocks.passes.activations import projected_grams
 from lorablocks.model.merge import target_weight
 from tests.tiny_models import TINY
 

@@ -123,7 +123,7 @@ def _need_data():
 def test_default_model_loads_offline_and_perplexity_is_finite(default_model):
     _need_data()
     from lorablocks.training.data import resolve_domains
-    from lorablocks.training.evaluate import evaluate_perplexity, prepare_eval_set
+    from lorablocks.passes.evaluate import evaluate_perplexity, prepare_eval_set
 
     model, tok = default_model
     assert model.config.model_type == "llama" and sum(p.numel() for p in model.parameters()) > 100e6
@@ -137,7 +137,7 @@ def test_default_model_loads_offline_and_perplexity_is_finite(default_model):
 def test_default_model_few_steps_lower_training_loss(default_model, tmp_path):
     _need_data()
     from lorablocks.training.data import Domain
-    from lorablocks.training.evaluate import evaluate_perplexity, prepare_eval_set
+    from lorablocks.passes.evaluate import evaluate_perplexity, prepare_eval_set
     from lorablocks.training.train import TrainConfig, train_adapter
     from lorablocks.files.adapters import load_adapter
 

@@ -216,7 +216,7 @@ def test_bf16_resume_equals_uninterrupted(tiny_model_dirs, domains, tmp_path, mo
 
 def test_evaluation_in_bf16_agrees_with_fp32_and_auto_without_native_is_fp32(tok, monkeypatch):
     from lorablocks.training.data import Example
-    from lorablocks.training.evaluate import evaluate_perplexity, prepare_eval_set
+    from lorablocks.passes.evaluate import evaluate_perplexity, prepare_eval_set
     from tests.conftest import make_examples
 
     model = tiny_llama(len(tok))

@@ -154,7 +154,7 @@ def similarity_cmd(
     rep = operations.similarity_report(adapters, allow_base_mismatch=allow_base_mismatch)
     console.print(_similarity_table(rep))
     if probe_data:
-        from lorablocks.training.probe import probe_adapters
+        from lorablocks.passes.probe import probe_adapters
 
         rep["function_overlap"] = probe_adapters([str(a) for a in adapters], model, probe_data, limit=probe_limit,
                                                  allow_base_mismatch=allow_base_mismatch)

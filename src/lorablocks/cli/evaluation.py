@@ -1,4 +1,4 @@
-"""The ``eval`` verb: parse, call :func:`lorablocks.training.eval_job.run_evaluation`, print."""
+"""The ``eval`` verb: parse, call :func:`lorablocks.passes.eval_job.run_evaluation`, print."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def eval_cmd(
 ) -> None:
     """Per-domain and joint token-weighted perplexity, with the adapters' composition merged in."""
     from lorablocks.files.outputs import check_output_free, write_json
-    from lorablocks.training.eval_job import EvalRequest, run_evaluation, split_adapters_and_domains
+    from lorablocks.passes.eval_job import EvalRequest, run_evaluation, split_adapters_and_domains
 
     extra = [a for a in ctx.args if a.startswith("-")]
     if extra:

@@ -73,7 +73,7 @@ class FunctionOverlap:
 def function_overlap(deltas: Sequence[Mapping[str, LowRank]],
                      grams: Sequence[Mapping[str, torch.Tensor]]) -> FunctionOverlap:
     """Interference and functional cosine from ``grams[i]``: the projected Grams ``K^m`` of domain ``i``'s
-    inputs (see :func:`lorablocks.model.activations.projected_grams`)."""
+    inputs (see :func:`lorablocks.passes.activations.projected_grams`)."""
     n = len(deltas)
     if len(grams) != n:
         raise ValueError(f"{len(grams)} probe domains for {n} blocks")

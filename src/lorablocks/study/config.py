@@ -4,7 +4,7 @@ The ``lora`` section *is* the training's :class:`~lorablocks.training.config.Lor
 ``train`` section is its :class:`~lorablocks.training.config.OptimSettings` (same fields, bounds, defaults
 and help, ``precision`` included) with ``steps_per_domain`` in place of a step count; each block's
 :class:`~lorablocks.training.config.TrainConfig` is built from the two. ``eval.precision`` is the
-evaluation's own (see :mod:`lorablocks.training.evaluate` for the measured agreement with fp32).
+evaluation's own (see :mod:`lorablocks.passes.evaluate` for the measured agreement with fp32).
 """
 
 from __future__ import annotations

@@ -221,7 +221,7 @@ def _eval_path(ctx: StudyContext, job: EvalJob) -> Path:
 
 def _score(ctx: StudyContext, job: EvalJob, trained: Trained, eval_set) -> dict:
     from lorablocks.compose.recipe import compose
-    from lorablocks.training.evaluate import EvalSet, evaluate_perplexity
+    from lorablocks.passes.evaluate import EvalSet, evaluate_perplexity
 
     session = ctx.session()
     names = [ctx.domains[d].name for d in job.domains]
@@ -240,7 +240,7 @@ def _score(ctx: StudyContext, job: EvalJob, trained: Trained, eval_set) -> dict:
 
 def evaluation_stage(ctx: StudyContext, jobs: Sequence[EvalJob], trained: Trained) -> dict[tuple[str, int | None], dict]:
     """Every job's record (domains' scores and per-example NLLs), from the cache or scored now."""
-    from lorablocks.training.evaluate import prepare_eval_set
+    from lorablocks.passes.evaluate import prepare_eval_set
 
     records: dict[tuple[str, int | None], dict] = {}
     pending = []
@@ -274,7 +274,7 @@ def evaluation_stage(ctx: StudyContext, jobs: Sequence[EvalJob], trained: Traine
 def probe_stage(ctx: StudyContext, trained: Trained) -> dict[int, dict]:
     """Function overlap of the single blocks, per seed: ``{"interference": ..., "cosine": ...}`` (domain order
     of the config), probed on ``analysis.probe_limit`` validation examples of each domain."""
-    from lorablocks.training.probe import probe_function_overlap
+    from lorablocks.passes.probe import probe_function_overlap
 
     limit = ctx.config.analysis.probe_limit
     out: dict[int, dict] = {}

@@ -22,7 +22,7 @@ from lorablocks.compose.methods.learned import layer_of
 from lorablocks.compose.recipe import Recipe, make_recipe
 from lorablocks.core.algebra import LowRank
 from lorablocks.training.data import Domain, TokenizedExample, bucket_by_tokens, collate, tokenize_examples
-from lorablocks.training.evaluate import AnswerNLL
+from lorablocks.passes.evaluate import AnswerNLL
 
 __all__ = ["LearnSettings", "LearnedFit", "fit_layer_weights"]
 

@@ -49,11 +49,13 @@ from lorablocks.training.checkpoint import load_checkpoint as _load_checkpoint
 from lorablocks.training.checkpoint import save_checkpoint as _save_checkpoint  # a module global: tests interrupt it
 from lorablocks.training.config import RUN_ONLY, TrainConfig, load_config
 from lorablocks.training.data import (
-    Domain, Example, TokenizedExample, TokenizedSet, bucket_by_tokens, bucket_window, collate, resolve_domains,
+    Domain, Example, TokenizedExample, TokenizedSet, bucket_window, collate, resolve_domains,
     tokenize_examples,
 )
 from lorablocks.training.loss import AnswerNLL
 from lorablocks.training.precision import ResolvedPrecision, resolve_precision
+from lorablocks.training.progress import TrainProgress as _Progress
+from lorablocks.passes.evaluate import validation_loss as _validation_loss
 
 __all__ = ["TrainConfig", "TrainResult", "TrainState", "train_adapter", "load_config", "RECORD_NAME", "batch_schedule"]
 
@@ -199,38 +201,6 @@ def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
-# ------------------------------------------------------------------------------------------ progress
-
-
-class _Progress:
-    """A rich progress bar on the main process: step, loss, answer tokens per second."""
-
-    def __init__(self, enabled: bool, total: int, start: int) -> None:
-        self.bar = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(
-                TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                TimeRemainingColumn(), console=Console(stderr=True), transient=False,
-            )
-            self.task = self.bar.add_task("train", total=total, completed=start, info="")
-            self.bar.start()
-
-    def update(self, step: int, info: str) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, info=info)
-
-    def log(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.console.print(text, highlight=False)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
 # ---------------------------------------------------------------------------------------------- steps
 
 
@@ -308,29 +278,6 @@ def _resume(config: TrainConfig, lora: LoraRun, checkpoint: Path | None) -> Trai
         )
     state.config = now
     return state
-
-
-def _validation_loss(loss_mod: AnswerNLL, val: list[list[TokenizedExample]], pad: int, batch_tokens: int, accelerator,
-                     precision: ResolvedPrecision) -> list[tuple[float, int]]:
-    """Summed NLL and counted tokens per domain, sharded over processes and reduced, in the run's precision
-    (bf16 moves the NLL by about 0.01 %: :mod:`lorablocks.training.evaluate`)."""
-    model = loss_mod.model
-    was = model.training
-    model.eval()
-    device = accelerator.device
-    sums = torch.zeros(len(val), 2, dtype=torch.float64, device=device)
-    with torch.no_grad():
-        for k, exs in enumerate(val):
-            plan = bucket_by_tokens([len(e) for e in exs], batch_tokens)
-            for idx in plan[accelerator.process_index :: accelerator.num_processes]:
-                b = collate([exs[i] for i in idx], pad).to(device)
-                with precision.autocast():
-                    nll, cnt = loss_mod(b.input_ids, b.attention_mask, b.target_mask)
-                sums[k, 0] += nll.double().sum()
-                sums[k, 1] += cnt.sum()
-    model.train(was)
-    sums = accelerator.reduce(sums, reduction="sum")
-    return [(float(s), int(c)) for s, c in sums.tolist()]
 
 
 def _validate(lora: LoraRun, data: TrainData, state: TrainState, step: int, bar: _Progress) -> None:

@@ -12,7 +12,7 @@ import torch
 from tests.conftest import make_examples, tiny_gpt2, tiny_llama
 from lorablocks.cli import run_app
 from lorablocks.training.data import Example, collate, tokenize_examples
-from lorablocks.training.evaluate import AnswerNLL, DomainScore, answer_nll, evaluate_perplexity, prepare_eval_set
+from lorablocks.passes.evaluate import AnswerNLL, DomainScore, answer_nll, evaluate_perplexity, prepare_eval_set
 from tests.tiny_models import make_peft_adapter
 
 

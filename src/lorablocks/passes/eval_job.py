@@ -19,7 +19,7 @@ from lorablocks.errors import ConfigError
 from lorablocks.files.adapters import CONFIG_NAME
 from lorablocks.files.outputs import versions
 from lorablocks.model.models import DEFAULT_MODEL
-from lorablocks.training.evaluate import (DEFAULT_EVAL_BATCH_TOKENS, DEFAULT_EVAL_MAX_LENGTH, EvalResult,
+from lorablocks.passes.evaluate import (DEFAULT_EVAL_BATCH_TOKENS, DEFAULT_EVAL_MAX_LENGTH, EvalResult,
                                          evaluate_perplexity, prepare_eval_set)
 
 __all__ = ["EvalRequest", "EvalReport", "split_adapters_and_domains", "run_evaluation"]

@@ -15,7 +15,7 @@ from torch import nn
 
 from lorablocks.core.algebra import LowRank
 from lorablocks.core.function_overlap import FunctionOverlap, function_overlap
-from lorablocks.model.activations import projected_grams
+from lorablocks.passes.activations import projected_grams
 from lorablocks.training.data import Domain, bucket_by_tokens, collate, tokenize_examples
 
 __all__ = ["probe_function_overlap", "DEFAULT_PROBE_LIMIT"]
