@@ -81,3 +81,16 @@ def test_precision_is_one_setting_for_training_and_its_own_for_evaluation():
         load_config(overrides={"train": {"precision": "fp16"}, "eval": {"precision": "half"}})
     assert "train.precision must be 'auto', 'fp32' or 'bf16', got 'fp16'" in str(exc.value)
     assert "eval.precision must be 'auto', 'fp32' or 'bf16', got 'half'" in str(exc.value)
+
+
+def test_validation_split_is_refused_while_something_fits_on_validation():
+    # the probe fits on validation examples by default: scoring there would score what was fitted
+    with pytest.raises(ConfigError, match="eval.split: validation is refused while the function-overlap probe"):
+        load_config(overrides={"eval": {"split": "validation"}})
+    with pytest.raises(ConfigError, match="method learned"):
+        load_config(overrides={"eval": {"split": "validation"}, "analysis": {"probe_limit": 0},
+                               "methods": [{"name": "learned"}]})
+    # nothing fitted on validation: allowed
+    cfg = load_config(overrides={"eval": {"split": "validation"}, "analysis": {"probe_limit": 0},
+                                 "methods": [{"name": "ties", "params": {"density": 0.5}}]})
+    assert cfg.eval.split == "validation"

@@ -176,7 +176,7 @@ def load_config(path: str | os.PathLike | None = None, preset: str | None = None
     except ValidationError as exc:
         problems = describe_errors(exc)
         raise ConfigError(f"{len(problems)} problem(s) in the study config: " + "; ".join(problems)) from None
-    problems = _method_problems(cfg.methods)
+    problems = _method_problems(cfg.methods) + _leakage_problems(cfg)
     if isinstance(cfg.merged_subsets, list):
         for s in cfg.merged_subsets:
             unknown = [d for d in s if d not in cfg.domains]
@@ -187,6 +187,20 @@ def load_config(path: str | os.PathLike | None = None, preset: str | None = None
     if problems:
         raise ConfigError(f"{len(problems)} problem(s) in the study config: " + "; ".join(problems))
     return cfg
+
+
+#: Methods that fit something on the domains' validation examples (their weights or statistics).
+DATA_DRIVEN_METHODS = ("learned", "regmean")
+
+
+def _leakage_problems(cfg: StudyConfig) -> list[str]:
+    """Scoring on the validation split while probes or data-driven methods fit on it would leak."""
+    users = (["the function-overlap probe (analysis.probe_limit > 0)"] if cfg.analysis.probe_limit else []) + \
+        [f"method {m.name}" for m in cfg.methods if m.name in DATA_DRIVEN_METHODS]
+    if cfg.eval.split != "validation" or not users:
+        return []
+    return [f"eval.split: validation is refused while {' and '.join(users)} fit on validation examples "
+            "(they would be scored on the examples they were fitted on); use eval.split: test"]
 
 
 def _method_problems(methods: Sequence[MethodSpec]) -> list[str]:
