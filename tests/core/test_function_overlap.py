@@ -35,6 +35,11 @@ def test_matches_dense_on_random_inputs():
             want = inner / (energy[i] * energy[j]) ** 0.5
             assert abs(fo.cosine[i][j] - want) < 1e-9
         assert fo.interference[i][i] == 1.0
+        # the energy of a sum of blocks, cross terms included, from the stored pair energies
+        for S in ([0, 1], [0, 2], [1, 2], [0, 1, 2]):
+            summed = sum(float((sum(out[j][m] for j in S if m in out[j]) ** 2).sum()) for m in shapes)
+            got = sum(fo.energy[i][j][k] for j in S for k in S)
+            assert abs(got - summed) < 1e-9 * summed
     assert 0 < fo.interference[1][0] and fo.interference[1][0] != 1.0
 
 
@@ -61,3 +66,12 @@ def test_projected_grams_from_hooks_match_the_module_inputs():
         p = x @ stacked_A(deltas, n).T
         assert torch.allclose(grams[n], p.T @ p, rtol=1e-6, atol=1e-8)
         assert grams[n].abs().max() > 0
+    # a third mask names the counted positions (the probe counts those predicting answer tokens)
+    counted = torch.zeros_like(mask, dtype=torch.bool)
+    counted[0, 3:6] = True
+    part = projected_grams(model, [(ids, mask, counted)], deltas)
+    for n in names:
+        x = seen[n].reshape(-1, seen[n].shape[-1])[counted.reshape(-1)].double()
+        p = x @ stacked_A(deltas, n).T
+        assert torch.allclose(part[n], p.T @ p, rtol=1e-6, atol=1e-8)
+        assert not torch.allclose(part[n], grams[n])

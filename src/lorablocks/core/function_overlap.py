@@ -64,10 +64,13 @@ def _pair_energy(deltas: Sequence[Mapping[str, LowRank]], K: Mapping[str, torch.
 
 @dataclass(frozen=True)
 class FunctionOverlap:
-    """``interference[j][i] = I(j -> i)`` (diagonal 1) and ``cosine[i][j]``, both on domain ``i``'s inputs."""
+    """``interference[j][i] = I(j -> i)`` (diagonal 1) and ``cosine[i][j]``, both on domain ``i``'s inputs;
+    ``energy[i][j][k] = sum_m <dW_j^m X_i^m, dW_k^m X_i^m>``, from which the energy of any sum of blocks on
+    domain ``i``'s inputs follows exactly (cross terms included): ``sum_{j, k in S} energy[i][j][k]``."""
 
     interference: list[list[float]]
     cosine: list[list[float]]
+    energy: list[list[list[float]]] | None = None
 
 
 def function_overlap(deltas: Sequence[Mapping[str, LowRank]],
@@ -79,11 +82,13 @@ def function_overlap(deltas: Sequence[Mapping[str, LowRank]],
         raise ValueError(f"{len(grams)} probe domains for {n} blocks")
     interference = [[math.nan] * n for _ in range(n)]
     cosine = [[math.nan] * n for _ in range(n)]
+    energy = []
     for i in range(n):
         E = _pair_energy(deltas, grams[i])
+        energy.append(E.tolist())
         own = float(E[i, i])
         for j in range(n):
             interference[j][i] = float(E[j, j]) / own if own > 0 else math.nan
             den = math.sqrt(max(float(E[i, i]) * float(E[j, j]), 0.0))
             cosine[i][j] = float(E[i, j]) / den if den > 0 else math.nan
-    return FunctionOverlap(interference=interference, cosine=cosine)
+    return FunctionOverlap(interference=interference, cosine=cosine, energy=energy)

@@ -2,7 +2,8 @@
 
 For :mod:`lorablocks.core.function_overlap`: a forward pass of the *base* model over a domain's examples,
 with a hook on each target module that adds ``(A X)(A X)^T`` (``A`` the stacked ``A`` factors of every
-block touching the module, ``X`` the module's input at non-padding positions) to a small ``R x R`` Gram.
+block touching the module, ``X`` the module's input at the counted positions) to a small ``R x R`` Gram.
+A batch may name the counted positions (e.g. those predicting answer tokens); otherwise every non-padding one.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ __all__ = ["projected_grams"]
 
 
 @torch.no_grad()
-def projected_grams(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+def projected_grams(model: nn.Module, batches: Iterable[tuple[torch.Tensor, ...]],
                     deltas: Sequence[Mapping[str, LowRank]]) -> dict[str, torch.Tensor]:
-    """``K^m = sum over non-padding tokens of (A^m x)(A^m x)^T`` for every module any block touches.
+    """``K^m = sum over counted tokens of (A^m x)(A^m x)^T`` for every module any block touches.
 
-    ``batches`` yields ``(input_ids, attention_mask)``; the model runs as it is (use the base model).
+    ``batches`` yields ``(input_ids, attention_mask)`` (every non-padding position counted) or
+    ``(input_ids, attention_mask, counted)`` (a boolean mask of the positions counted); the model runs as it
+    is (use the base model).
     """
     modules = list(dict.fromkeys(m for d in deltas for m in d))
     stacks = {m: stacked_A(deltas, m) for m in modules}
@@ -47,8 +50,8 @@ def projected_grams(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
     try:
         was = model.training
         model.eval()
-        for input_ids, attention_mask in batches:
-            mask_box["mask"] = attention_mask
+        for input_ids, attention_mask, *counted in batches:
+            mask_box["mask"] = counted[0] if counted else attention_mask
             model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         model.train(was)
     finally:

@@ -3,6 +3,8 @@
 :func:`probe_function_overlap` tokenizes the first ``limit`` examples of each domain's ``split``, runs the
 base model over them once per domain with hooks that project every target module's inputs onto the
 blocks' stacked ``A`` factors, and returns :class:`~lorablocks.core.function_overlap.FunctionOverlap`.
+Only the positions that predict answer tokens are counted (what perplexity counts); the prompt still
+shapes them through attention.
 """
 
 from __future__ import annotations
@@ -25,13 +27,13 @@ DEFAULT_PROBE_LIMIT = 16
 
 
 def _batches(model: nn.Module, tokenizer: Any, domain: Domain, split: str, limit: int,
-             max_length: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+             max_length: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     ts = tokenize_examples(tokenizer, domain.load(split, limit), max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     for idx in bucket_by_tokens([len(e) for e in ts.examples], 4096):
         b = collate([ts.examples[i] for i in idx], int(pad)).to(device)
-        yield b.input_ids, b.attention_mask
+        yield b.input_ids, b.attention_mask, b.target_mask
 
 
 def probe_function_overlap(model: nn.Module, tokenizer: Any, deltas: Sequence[Mapping[str, LowRank]],

@@ -272,8 +272,9 @@ def evaluation_stage(ctx: StudyContext, jobs: Sequence[EvalJob], trained: Traine
 
 
 def probe_stage(ctx: StudyContext, trained: Trained) -> dict[int, dict]:
-    """Function overlap of the single blocks, per seed: ``{"interference": ..., "cosine": ...}`` (domain order
-    of the config), probed on ``analysis.probe_limit`` validation examples of each domain."""
+    """Function overlap of the single blocks, per seed: ``{"interference": ..., "cosine": ..., "energy": ...}``
+    (domain order of the config), probed on the answer-predicting positions of ``analysis.probe_limit``
+    validation examples of each domain."""
     from lorablocks.passes.probe import probe_function_overlap
 
     limit = ctx.config.analysis.probe_limit
@@ -283,14 +284,14 @@ def probe_stage(ctx: StudyContext, trained: Trained) -> dict[int, dict]:
     for seed in ctx.config.seeds:
         keys = [(seed, (d,)) for d in ctx.config.domains]
         key = {"model": ctx.model_id, "blocks": [trained.sha256[k] for k in keys], "limit": limit,
-               "data": [ctx.data_prints[d]["validation"] for d in ctx.config.domains], "format": 1}
+               "data": [ctx.data_prints[d]["validation"] for d in ctx.config.domains], "format": 2}
 
         def probe(keys=keys) -> dict:
             session = ctx.session()
             with session.composed(None):
                 fo = probe_function_overlap(session.model, session.tokenizer, [trained.deltas[k] for k in keys],
                                             [ctx.domains[d] for d in ctx.config.domains], limit=limit)
-            return {"interference": fo.interference, "cosine": fo.cosine}
+            return {"interference": fo.interference, "cosine": fo.cosine, "energy": fo.energy, "tokens": "answer"}
         out[seed] = _cached(ctx, ctx.cache / "probes" / f"seed{seed}-{fingerprint(key)[:12]}.json", probe,
                             f"probing function overlap (seed {seed}) on {limit} validation examples per domain")
     return out
