@@ -24,7 +24,8 @@ from lorablocks.core import algebra
 from lorablocks.core.algebra import CompressionReport, Delta, LowRank
 from lorablocks.errors import CompositionError
 
-__all__ = ["Block", "Recipe", "DeltaSource", "MemorySource", "Composition", "compose", "make_recipe"]
+__all__ = ["Block", "Recipe", "DeltaSource", "MemorySource", "Composition", "compose", "make_recipe",
+           "scaled_overflows"]
 
 
 class Block(BaseModel):
@@ -37,6 +38,8 @@ class Block(BaseModel):
     path: str | None = Field(None, description="Where it was read from.")
     sha256: str | None = Field(None, description="sha256 of its weights file: what the recipe really depends on.")
     base_model: str | None = Field(None, description="Base model its adapter config records.")
+    statistics_sha256: str | None = Field(None, description="sha256 of the input statistics a method like regmean "
+                                                            "uses for it (checked against the source's).")
 
 
 class Recipe(BaseModel):
@@ -77,7 +80,8 @@ class Recipe(BaseModel):
 
         Names and paths do not count: the same adapters under other names give the same fingerprint.
         """
-        key = {"blocks": [[b.sha256 or b.name, b.weight] for b in self.blocks], "method": self.method,
+        key = {"blocks": [[b.sha256 or b.name, b.weight] + ([b.statistics_sha256] if b.statistics_sha256 else [])
+                          for b in self.blocks], "method": self.method,
                "params": self.resolved_params(), "rank": self.rank, "rtol": self.rtol}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
@@ -134,6 +138,9 @@ class MemorySource:
     def factors(self, module: str) -> LowRank:
         return self.delta[module]
 
+    #: the block's input statistics (a :class:`~lorablocks.files.statistics.BlockStatistics`), if any
+    statistics: Any = None
+
 
 @dataclass
 class Composition:
@@ -142,10 +149,13 @@ class Composition:
     recipe: Recipe
     report: CompressionReport
     delta: Delta = field(default_factory=dict)
+    #: the input statistics used, per block (a method that ``needs_statistics`` only)
+    statistics: list[dict[str, Any]] = field(default_factory=list)
 
     def record(self) -> dict[str, Any]:
-        """The provenance record: the recipe, its fingerprint and the truncation report."""
-        return {"recipe": self.recipe.record(), "truncation": self.report.to_dict()}
+        """The provenance record: the recipe, its fingerprint, the truncation report (and the statistics used)."""
+        out = {"recipe": self.recipe.record(), "truncation": self.report.to_dict()}
+        return {**out, "statistics": self.statistics} if self.statistics else out
 
 
 def _as_source(x: DeltaSource | Mapping[str, LowRank]) -> DeltaSource:
@@ -153,10 +163,12 @@ def _as_source(x: DeltaSource | Mapping[str, LowRank]) -> DeltaSource:
 
 
 def compose(recipe: Recipe, sources: Sequence[DeltaSource | Mapping[str, LowRank]],
-            sink: Callable[[str, LowRank], None] | None = None) -> Composition:
+            sink: Callable[[str, LowRank], None] | None = None, statistics: Sequence[Any] | None = None) -> Composition:
     """The factored delta of ``recipe``, one module at a time (``sources[i]`` holds block ``i``).
 
-    Shapes are checked before any factor is read. Each module's blocks are read (from disk for a file
+    A method that ``needs_statistics`` gets each block's Grams from ``statistics[i]`` or else from the
+    source's ``statistics`` attribute (an adapter file's stored statistics); they are checked against the
+    blocks (base model, modules, widths) before any work. Shapes are checked before any factor is read. Each module's blocks are read (from disk for a file
     source), combined by the recipe's method, re-factored at its rank mode and handed to ``sink`` (then
     dropped: memory holds one module at a time) or kept in ``Composition.delta``.
     """
@@ -169,16 +181,20 @@ def compose(recipe: Recipe, sources: Sequence[DeltaSource | Mapping[str, LowRank
     held = [set(s.modules) for s in srcs]  # once: a file source builds its module list on every call
     names = list(dict.fromkeys(n for s in srcs for n in s.modules))
     result = Composition(recipe=recipe, report=CompressionReport(mode=str(recipe.rank)))
+    stats = _statistics(recipe, srcs, statistics) if method.needs_statistics else None
+    if stats is not None:
+        result.statistics = [s.record() for s in stats]
     for name in names:
         index = [i for i, h in enumerate(held) if name in h]
         parts = [(recipe.blocks[i].weight, srcs[i].factors(name)) for i in index]
         algebra.check_compatible([{name: x} for _, x in parts], [recipe.blocks[i].name for i in index])
         if not method.uses_zero_weights:
             index, parts = [i for i, p in zip(index, parts) if p[0] != 0.0], [p for p in parts if p[0] != 0.0]
-        _check_scaled_finite(name, parts)
+        _check_scaled_finite(name, parts, [recipe.blocks[i].name for i in index])
         if not parts:
             continue
-        ctx = ModuleContext(name=name, rank=recipe.rank, rtol=recipe.rtol, blocks=tuple(index))
+        grams = tuple(stats[i].gram(name) for i in index) if stats is not None else ()
+        ctx = ModuleContext(name=name, rank=recipe.rank, rtol=recipe.rtol, blocks=tuple(index), grams=grams)
         try:
             out = method.combine(parts, params, ctx)
         except (RuntimeError, ArithmeticError) as exc:  # torch.linalg.LinAlgError is a RuntimeError
@@ -198,13 +214,38 @@ def compose(recipe: Recipe, sources: Sequence[DeltaSource | Mapping[str, LowRank
     return result
 
 
-def _check_scaled_finite(name: str, parts: Sequence[tuple[float, LowRank]]) -> None:
+def _statistics(recipe: Recipe, srcs: Sequence[DeltaSource], given: Sequence[Any] | None) -> list[Any]:
+    """Each block's input statistics, checked to fit it; one line naming the first block without them."""
+    from lorablocks.compose.statistics import shapes_of
+
+    stats = list(given) if given is not None else [getattr(s, "statistics", None) for s in srcs]
+    if len(stats) != len(srcs):
+        raise CompositionError(f"{len(stats)} statistics for {len(srcs)} blocks", setting="statistics")
+    for block, src, st in zip(recipe.blocks, srcs, stats):
+        if st is None:
+            raise CompositionError(
+                f"{block.path or block.name} has no input statistics, which {recipe.method} needs: collect them "
+                "with `lorablocks stats BLOCK --data DOMAIN`, or give --data (one domain per block) to compute "
+                "them now", setting="statistics")
+        if block.statistics_sha256 and st.sha256 and block.statistics_sha256 != st.sha256:
+            raise CompositionError(f"the statistics of {block.path or block.name} changed since the recipe was made "
+                                   f"({st.sha256[:12]}, recipe {block.statistics_sha256[:12]})", setting="statistics")
+        st.check_fits(shapes_of(src), block.base_model, str(block.path or block.name))
+    return stats
+
+
+def scaled_overflows(weight: float, x: LowRank) -> bool:
+    """Would ``weight * A`` overflow the factors' float type (products of factors must stay finite too)?"""
+    limit = float(torch.finfo(x.A.dtype).max) ** 0.5
+    return bool(x.A.numel()) and float(x.A.abs().max()) * abs(weight) >= limit
+
+
+def _check_scaled_finite(name: str, parts: Sequence[tuple[float, LowRank]], blocks: Sequence[str]) -> None:
     """Refuse weights so large that ``w * A`` overflows the factors' float type."""
-    for w, x in parts:
-        limit = float(torch.finfo(x.A.dtype).max) ** 0.5  # products of factors must stay finite too
-        if x.A.numel() and float(x.A.abs().max()) * abs(w) >= limit:
-            raise CompositionError(f"module {name}: weight {w:g} times the factors overflows "
-                                   f"{str(x.A.dtype).removeprefix('torch.')}", setting="weights")
+    for (w, x), block in zip(parts, blocks):
+        if scaled_overflows(w, x):
+            raise CompositionError(f"block {block}: weight {w:g} times its factors overflows "
+                                   f"{str(x.A.dtype).removeprefix('torch.')} (module {name})", setting="weights")
 
 
 def _release_freed_memory() -> None:

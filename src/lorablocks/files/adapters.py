@@ -303,6 +303,16 @@ class AdapterFile(_Described):
     def modules(self) -> list[str]:
         return list(self.keys)
 
+    @property
+    def statistics(self) -> Any:
+        """The input statistics stored beside the adapter (``lorablocks_stats.safetensors``), or None;
+        opened (header only) on first use."""
+        if not hasattr(self, "_statistics"):
+            from lorablocks.files.statistics import statistics_beside
+
+            self._statistics = statistics_beside(self.path)
+        return self._statistics
+
     def _read(self, fh: Any, module: str, dtype: torch.dtype) -> LowRank:
         key_a, key_b = self.keys[module]
         try:

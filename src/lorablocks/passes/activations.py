@@ -16,6 +16,7 @@ from torch import nn
 from lorablocks.core.algebra import COMPUTE_DTYPE, LowRank
 from lorablocks.core.function_overlap import stacked_A
 from lorablocks.model.merge import target_weight
+from lorablocks.passes.hooks import hooked_pass
 
 __all__ = ["projected_grams"]
 
@@ -32,29 +33,12 @@ def projected_grams(model: nn.Module, batches: Iterable[tuple[torch.Tensor, ...]
     modules = list(dict.fromkeys(m for d in deltas for m in d))
     stacks = {m: stacked_A(deltas, m) for m in modules}
     grams = {m: torch.zeros(s.shape[0], s.shape[0], dtype=COMPUTE_DTYPE) for m, s in stacks.items()}
-    mask_box: dict[str, torch.Tensor] = {}
 
-    def hook_for(name: str):
-        def hook(_module: nn.Module, args: tuple) -> None:
-            x = args[0]
-            keep = mask_box["mask"].reshape(-1).bool()
-            flat = x.reshape(-1, x.shape[-1])[keep].to(COMPUTE_DTYPE)
-            proj = flat @ stacks[name].to(flat.device).T  # (tokens, R)
-            grams[name] += (proj.T @ proj).cpu()
-        return hook
+    def add(name: str, _site: str, x: torch.Tensor) -> None:
+        proj = x.to(COMPUTE_DTYPE) @ stacks[name].to(x.device).T  # (tokens, R)
+        grams[name] += (proj.T @ proj).cpu()
 
-    handles = []
     for name in modules:
         target_weight(model, name)  # a clear error for a module the model lacks
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook_for(name)))
-    try:
-        was = model.training
-        model.eval()
-        for input_ids, attention_mask, *counted in batches:
-            mask_box["mask"] = counted[0] if counted else attention_mask
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        model.train(was)
-    finally:
-        for h in handles:
-            h.remove()
+    hooked_pass(model, modules, batches, add)
     return grams

@@ -45,6 +45,9 @@ class ModuleContext:
     rtol: float = 1e-6
     #: for each part handed to ``combine``: the index of its block in the recipe
     blocks: tuple[int, ...] = ()
+    #: for each part: the Gram of the module's inputs on its block's data (a
+    #: :class:`~lorablocks.core.regmean.InputGram`), filled only for a method that ``needs_statistics``
+    grams: tuple[Any, ...] = ()
 
     def compress(self, x: LowRank | None) -> ModuleResult:
         """Re-factor ``x`` at the recipe's rank mode, with the truncation report."""
@@ -89,6 +92,8 @@ class Method:
     linear: bool = False
     #: whether blocks of weight 0 still reach ``combine`` (a method whose own parameters set the weights)
     uses_zero_weights: bool = False
+    #: whether ``combine`` needs each block's input statistics (``ModuleContext.grams``)
+    needs_statistics: bool = False
 
 
 _REGISTRY: dict[str, Method] = {}

@@ -1,0 +1,177 @@
+"""RegMean (Jin et al., ICLR 2023, arXiv 2212.09849) on factored LoRA deltas: pure functions over tensors.
+
+Per module, blocks ``i`` with deltas ``dW_i = B_i A_i`` (scale folded into ``A``), weights ``w_i >= 0`` and
+Grams ``G_i`` of the module's inputs on block ``i``'s domain, RegMean solves
+
+    dW* = argmin_dW sum_i w_i ||dW X_i - dW_i X_i||^2 = (sum_i w_i dW_i G_i') M^-1,   M = sum_i w_i G_i'
+
+with the paper's regularisation ``G' = alpha G + (1 - alpha) diag(G)`` and a small ridge
+``RIDGE * mean(diag M)`` on ``M``'s diagonal (for inputs no block ever saw). It stays factored and exact:
+
+    B* = [B_1 .. B_n],   A* = [w_1 A_1 G_1' M^-1; ..; w_n A_n G_n' M^-1]     (rank <= sum r_i)
+
+so only ``in x in`` matrices are formed (never ``out x in``), solved in float64 by Cholesky.
+
+**Weights are relative.** Scaling every ``w_i`` by ``c > 0`` changes nothing; with equal Grams the result
+is the weighted *mean* ``sum_i w_i dW_i / sum_i w_i`` (the paper's convention: RegMean generalises
+averaging). With different Grams each block keeps acting as itself on the inputs only its domain has.
+Negative weights are refused (``M`` could be indefinite): unlearning with RegMean is recomposing without
+the block.
+
+**Grams are means.** Each Gram is ``mean over tokens of x x^T`` (token-count normalised), so a block whose
+statistics came from more tokens does not weigh more; ``w_i`` alone says how much each domain counts.
+
+A Gram is held exactly (:attr:`InputGram.full`) or, for wide inputs, as a sketch: its top ``k`` eigenpairs
+plus the exact diagonal, ``G ~ U diag(S) U^T + diag(resid)`` with ``resid = diag(G) - diag(U S U^T) >= 0``.
+The regularised sketch stays low-rank + diagonal, so ``M^-1`` goes through the Woodbury identity with a
+``K x K`` core (``K = sum k_i``) instead of an ``in x in`` factorisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lorablocks.core.algebra import COMPUTE_DTYPE, LowRank
+from lorablocks.errors import CompositionError
+
+__all__ = ["InputGram", "sketch", "regularised", "regmean", "DEFAULT_ALPHA", "RIDGE"]
+
+#: the paper's off-diagonal scaling, measured here first
+DEFAULT_ALPHA = 0.9
+#: relative ridge on ``M``'s diagonal (times its mean diagonal): makes ``M`` invertible for dead inputs
+RIDGE = 1e-6
+
+
+@dataclass(frozen=True)
+class InputGram:
+    """The (token-mean) Gram ``E[x x^T]`` of one module's inputs: exact ``full``, or a sketch ``U, S`` plus
+    the exact diagonal ``diag`` (always present)."""
+
+    diag: torch.Tensor
+    full: torch.Tensor | None = None
+    U: torch.Tensor | None = None
+    S: torch.Tensor | None = None
+    tokens: int = 0
+
+    def __post_init__(self) -> None:
+        n = self.diag.shape[0]
+        if self.full is None and (self.U is None or self.S is None):
+            raise ValueError("an InputGram needs its full matrix or a sketch (U, S)")
+        if self.full is not None and tuple(self.full.shape) != (n, n):
+            raise ValueError(f"Gram is {tuple(self.full.shape)}, its diagonal {n}")
+        if self.U is not None and (self.U.shape[0] != n or self.S is None or self.S.shape[0] != self.U.shape[1]):
+            raise ValueError("sketch factors do not fit the diagonal")
+
+    @property
+    def size(self) -> int:
+        """The module's input width ``in``."""
+        return int(self.diag.shape[0])
+
+    @property
+    def is_sketch(self) -> bool:
+        return self.full is None
+
+    @classmethod
+    def exact(cls, gram: torch.Tensor, tokens: int = 0) -> InputGram:
+        return cls(diag=torch.diagonal(gram).clone(), full=gram, tokens=tokens)
+
+    def dense(self) -> torch.Tensor:
+        """The ``in x in`` matrix (float64): exact, or the sketch with its residual diagonal."""
+        if self.full is not None:
+            return self.full.to(COMPUTE_DTYPE)
+        U, S = self.U.to(COMPUTE_DTYPE), self.S.to(COMPUTE_DTYPE)
+        return (U * S) @ U.T + torch.diag(self._resid())
+
+    def _resid(self) -> torch.Tensor:
+        U, S = self.U.to(COMPUTE_DTYPE), self.S.to(COMPUTE_DTYPE)
+        return (self.diag.to(COMPUTE_DTYPE) - (U * U) @ S).clamp_min(0.0)
+
+
+def sketch(gram: torch.Tensor, k: int, tokens: int = 0) -> InputGram:
+    """The top-``k`` eigenpairs of a symmetric PSD ``gram`` plus its exact diagonal."""
+    g = gram.to(COMPUTE_DTYPE)
+    vals, vecs = torch.linalg.eigh(g)
+    k = min(k, g.shape[0])
+    vals, vecs = vals[-k:].clamp_min(0.0), vecs[:, -k:]
+    return InputGram(diag=torch.diagonal(g).to(gram.dtype).clone(), U=vecs.to(gram.dtype).contiguous(),
+                     S=vals.to(gram.dtype), tokens=tokens)
+
+
+def regularised(g: InputGram, alpha: float) -> torch.Tensor:
+    """``alpha G + (1 - alpha) diag(G)`` as a dense float64 matrix."""
+    d = g.dense()
+    return alpha * d + (1.0 - alpha) * torch.diag(torch.diagonal(d))
+
+
+def _check(parts: Sequence[tuple[float, LowRank]], grams: Sequence[InputGram], alpha: float) -> None:
+    if not 0.0 <= alpha <= 1.0:
+        raise CompositionError(f"regmean alpha must be in [0, 1], got {alpha}", setting="alpha")
+    if len(grams) != len(parts):
+        raise CompositionError(f"{len(parts)} blocks but {len(grams)} Grams", setting="statistics")
+    for w, _ in parts:
+        if w < 0:
+            raise CompositionError(f"regmean takes no negative weights (got {w:g}): to unlearn a block, compose "
+                                   "the others without it", setting="weights")
+    for (_, x), g in zip(parts, grams):
+        if g.size != x.shape[1]:
+            raise CompositionError(f"statistics of width {g.size} for a module of input width {x.shape[1]}",
+                                   setting="statistics")
+
+
+def _solve_dense(weights: Sequence[float], grams: Sequence[InputGram], rhs: torch.Tensor, alpha: float) -> torch.Tensor:
+    M = sum(w * regularised(g, alpha) for w, g in zip(weights, grams))
+    M = M + torch.eye(M.shape[0], dtype=M.dtype) * (RIDGE * float(torch.diagonal(M).mean().clamp_min(1e-30)))
+    L, info = torch.linalg.cholesky_ex(M)
+    if int(info) != 0:
+        return torch.linalg.solve(M, rhs)
+    return torch.cholesky_solve(rhs, L)
+
+
+def _solve_woodbury(weights: Sequence[float], grams: Sequence[InputGram], rhs: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``M^-1 rhs`` for ``M = D + U C U^T`` (every Gram a sketch): ``D`` diagonal, ``U = [U_i]``, ``C`` diagonal."""
+    D = sum(w * (alpha * g._resid() + (1.0 - alpha) * g.diag.to(COMPUTE_DTYPE)) for w, g in zip(weights, grams))
+    D = D + RIDGE * float((D + sum(w * alpha * (g.U.to(COMPUTE_DTYPE) ** 2 @ g.S.to(COMPUTE_DTYPE))
+                                   for w, g in zip(weights, grams))).mean().clamp_min(1e-30))
+    keep = [(w, g) for w, g in zip(weights, grams) if w > 0]
+    U = torch.cat([g.U.to(COMPUTE_DTYPE) for _, g in keep], dim=1)
+    C = torch.cat([w * alpha * g.S.to(COMPUTE_DTYPE) for w, g in keep])
+    pos = C > 0
+    U, C = U[:, pos], C[pos]
+    Dinv_rhs = rhs / D[:, None]
+    if C.numel() == 0:
+        return Dinv_rhs
+    Dinv_U = U / D[:, None]
+    core = torch.diag(1.0 / C) + U.T @ Dinv_U
+    return Dinv_rhs - Dinv_U @ torch.linalg.solve(core, U.T @ Dinv_rhs)
+
+
+def _times_regularised(g: InputGram, At: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``G' @ At`` without forming ``G'`` for a sketch."""
+    if g.full is not None:
+        return regularised(g, alpha) @ At
+    U, S = g.U.to(COMPUTE_DTYPE), g.S.to(COMPUTE_DTYPE)
+    diag = alpha * g._resid() + (1.0 - alpha) * g.diag.to(COMPUTE_DTYPE)
+    return alpha * (U * S) @ (U.T @ At) + diag[:, None] * At
+
+
+def regmean(parts: Sequence[tuple[float, LowRank]], grams: Sequence[InputGram], alpha: float = DEFAULT_ALPHA) -> LowRank:
+    """The RegMean delta of ``parts`` (``(w_i, dW_i)``) with their Grams, factored at rank ``sum r_i``
+    (float64 factors; see the module docstring for the formula and the weight convention)."""
+    _check(parts, grams, alpha)
+    if sum(w for w, _ in parts) <= 0:
+        raise CompositionError("regmean needs at least one positive weight", setting="weights")
+    if len(parts) == 1:  # dW_1 itself attains zero loss, whatever its Gram
+        w, x = parts[0]
+        return LowRank(B=x.B.to(COMPUTE_DTYPE), A=x.A.to(COMPUTE_DTYPE))
+    weights = [float(w) for w, _ in parts]
+    rhs = torch.cat([w * _times_regularised(g, x.A.to(COMPUTE_DTYPE).T, alpha)
+                     for (w, x), g in zip(parts, grams)], dim=1)  # (in, R): columns w_i G_i' A_i^T
+    if all(g.is_sketch for g in grams):
+        X = _solve_woodbury(weights, grams, rhs, alpha)
+    else:
+        X = _solve_dense(weights, grams, rhs, alpha)
+    B = torch.cat([x.B.to(COMPUTE_DTYPE) for _, x in parts], dim=1)
+    return LowRank(B=B, A=X.T.contiguous())
