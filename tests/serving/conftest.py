@@ -46,10 +46,12 @@ class RunningServer:
 def start_server(live: Any, **settings: Any) -> tuple[RunningServer, Any]:
     """A server for ``live`` with its own runner (``workers``/``queue`` in ``settings``)."""
     from lorablocks.serving.live import Runner
-    from lorablocks.serving.server import AppSettings, create_app
+    from lorablocks.serving.server import Access, AppSettings, create_app
 
     runner = Runner(settings.pop("workers", 2), settings.pop("queue", 8))
-    app = create_app(live, runner, AppSettings(model_name="tiny", **settings))
+    access = Access(**{k: settings.pop(k) for k in ("api_key", "admin_key", "hosts", "any_ip_host", "max_body_bytes")
+                       if k in settings})
+    app = create_app(live, runner, AppSettings(model_name="tiny", access=access, **settings))
     return RunningServer(app), runner
 
 

@@ -96,7 +96,10 @@ def serve_cmd(
     model: ModelOpt = "smollm2-135m",
     host: Annotated[str, typer.Option("--host", help="Address to listen on (default: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port (0: any free port).")] = 8000,
-    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LORABLOCKS_API_KEY", help="Require 'Authorization: Bearer KEY' on every endpoint.")] = None,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LORABLOCKS_API_KEY", help="Require 'Authorization: Bearer KEY' on every endpoint (to generate and read; not to change the composition).")] = None,
+    admin_key: Annotated[Optional[str], typer.Option("--admin-key", envvar="LORABLOCKS_ADMIN_KEY", help="Key that changing the composition (PUT/POST/DELETE /v1/blocks) needs. Without it: with --api-key, no changes over HTTP; with no key at all, changes only from this machine (loopback).")] = None,
+    allowed_host: Annotated[Optional[list[str]], typer.Option("--allowed-host", help="Host name clients may use besides localhost, 127.0.0.1, [::1] and --host (repeat); others get 421 (DNS rebinding).")] = None,
+    max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", help="Largest request body (more: 413, refused while it arrives).")] = 1 << 20,
     max_tokens_limit: Annotated[int, typer.Option("--max-tokens-limit", help="Largest max_tokens a request may ask for.")] = 512,
     active: Annotated[Optional[str], typer.Option("--active", help="Composition at start: NAME[:WEIGHT],... (default: the base model).")] = None,
     workers: Annotated[int, typer.Option("--workers", help="Generations run at once.")] = 4,
@@ -104,7 +107,12 @@ def serve_cmd(
     threads: Annotated[Optional[int], typer.Option("--threads", help="torch threads per generation (default: torch's; 1 suits several generations on few cores).")] = None,
     cache_dir: CacheOpt = None,
 ) -> None:
-    """OpenAI-compatible server (/v1/completions, /v1/chat/completions) whose blocks change live (/v1/blocks)."""
+    """OpenAI-compatible server (/v1/completions, /v1/chat/completions) whose blocks change live (/v1/blocks).
+
+    Refused: a Host not listed (421), a body over --max-body-bytes (413), a POST/PUT body that is not
+    'Content-Type: application/json' (415), a change of composition without the admin key (or, with no key
+    at all, from another machine: 403). A failed change changes nothing.
+    """
     from lorablocks.serving.server import ServeSettings, serve
 
     if not 0 <= port <= 65535:
@@ -115,9 +123,10 @@ def serve_cmd(
         import torch
 
         torch.set_num_threads(threads)
-    settings = ServeSettings(blocks=str(blocks), model=model, host=host, port=port, api_key=api_key or None,
-                             max_tokens_limit=max_tokens_limit, active=parse_active(active), workers=workers,
-                             queue=queue, cache_dir=str(cache_dir) if cache_dir else None)
+    settings = ServeSettings(blocks=str(blocks), model=model, host=host, port=port, api_key=api_key,
+                             admin_key=admin_key, allowed_hosts=tuple(allowed_host or ()),
+                             max_body_bytes=max_body_bytes, max_tokens_limit=max_tokens_limit,
+                             active=parse_active(active), workers=workers, queue=queue, cache_dir=str(cache_dir) if cache_dir else None)
     try:
         serve(settings, announce=lambda line: console.print(line, highlight=False, soft_wrap=True))
     except KeyboardInterrupt:

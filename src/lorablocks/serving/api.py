@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from lorablocks.serving.errors import RequestError
 from lorablocks.serving.generation import SamplingParams
@@ -16,13 +17,27 @@ __all__ = ["CompletionRequest", "ChatRequest", "ChatMessage", "BlockWeight", "Pu
            "sampling_params", "completion_object", "chat_object", "new_id", "usage"]
 
 
+def _unicode(text: str) -> str:
+    """Refuse a lone surrogate (JSON can spell ``"\\ud800"``): it is not text and no tokenizer takes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PydanticCustomError("unicode", "holds a lone surrogate {char} at character {at}, not valid Unicode text",
+                                  {"char": ascii(text[exc.start]), "at": exc.start}) from None
+    return text
+
+
+#: a string of valid Unicode (what a tokenizer can take)
+Text = Annotated[str, AfterValidator(_unicode)]
+
+
 class _OpenAIRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     seed: Optional[int] = None
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False
@@ -36,21 +51,21 @@ class _OpenAIRequest(BaseModel):
 class CompletionRequest(_OpenAIRequest):
     """``POST /v1/completions``: a plain prompt (a string, or a list of one string)."""
 
-    prompt: Union[str, list[str]]
+    prompt: Union[Text, list[Text]]
 
 
 class _TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[_TextPart]]
+    content: Union[Text, list[_TextPart]]
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -61,6 +76,18 @@ class ChatRequest(_OpenAIRequest):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
+
+    def requested_max_tokens(self) -> Optional[int]:
+        """``max_completion_tokens`` (OpenAI's current name) or ``max_tokens`` (its older one); both only if equal."""
+        a, b = self.max_completion_tokens, self.max_tokens
+        if a is not None and b is not None and a != b:
+            raise RequestError(f"max_tokens ({b}) and max_completion_tokens ({a}) differ: send one of them "
+                               "(max_completion_tokens is OpenAI's current name)", setting="max_completion_tokens")
+        return a if a is not None else b
+
+    def template_messages(self) -> list[dict[str, str]]:
+        """The messages as the chat template takes them."""
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
 
 
 class BlockWeight(BaseModel):

@@ -22,7 +22,7 @@ from typing import Any
 from lorablocks.compose.recipe import Block, Recipe, make_recipe
 from lorablocks.core import algebra
 from lorablocks.core.algebra import LowRank
-from lorablocks.errors import LoraBlocksError, ShapeMismatchError
+from lorablocks.errors import AdapterFormatError, LoraBlocksError, ShapeMismatchError
 from lorablocks.files.adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterFile, open_adapter
 from lorablocks.serving.errors import BlockNameError, UnknownBlockError
 
@@ -45,7 +45,17 @@ def check_block_name(name: str) -> str:
     if any(sep in name for sep in ("/", "\\", os.sep, "\0")) or name.startswith(".") or len(name) > 255:
         raise BlockNameError(f"block name {name!r} is not a plain folder name (no paths, '..' or hidden names)",
                              setting="name")
+    if not name.isprintable() or not _utf8(name):
+        raise BlockNameError(f"block name {name!r} holds control characters or is not valid Unicode", setting="name")
     return name
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (or a folder name that is not UTF-8 on disk)
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -72,18 +82,26 @@ class BlockLibrary:
         self._cache: dict[str, tuple[tuple[int, ...], LoadedBlock]] = {}
         self._lock = threading.Lock()
 
-    def _inside(self, path: Path) -> bool:
-        real = path.resolve()
+    def _inside(self, path: Path, name: str) -> bool:
+        try:
+            real = path.resolve()
+        except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
+            raise BlockNameError(f"block {name!r} leads into a symlink loop; it is not loaded", setting="name") from None
         return real != self.root and real.is_relative_to(self.root)
 
     def names(self) -> list[str]:
-        """Every available block: sub-folders holding an adapter config, whose files stay inside the folder."""
+        """Every available block: sub-folders holding an adapter config, whose files stay inside the folder
+        (an entry that cannot be read, loops or leads outside is left out)."""
+        try:
+            entries = [p.name for p in self.root.iterdir()]
+        except OSError as exc:
+            raise LoraBlocksError(f"cannot list the blocks folder: {exc.strerror or exc}", setting="blocks") from None
         found = []
-        for p in self.root.iterdir():
+        for name in entries:
             try:
-                if self._folder(p.name) is not None:
-                    found.append(p.name)
-            except (LoraBlocksError, OSError):
+                if self._folder(name) is not None:
+                    found.append(name)
+            except (LoraBlocksError, OSError, RuntimeError):
                 continue
         return sorted(found)
 
@@ -98,12 +116,15 @@ class BlockLibrary:
     def _folder(self, name: str) -> Path | None:
         """The block's folder; ``None`` when there is no adapter of that name; an error for an escaping one."""
         folder = self.root / check_block_name(name)
-        if folder.is_symlink() or folder.exists():
-            for p in (folder, folder / CONFIG_NAME, folder / WEIGHTS_NAME):
-                if (p.is_symlink() or p.exists()) and not self._inside(p):
-                    raise BlockNameError(f"block {name!r} leads outside the blocks folder; it is not loaded",
-                                         setting="name")
-        return folder if folder.is_dir() and (folder / CONFIG_NAME).is_file() else None
+        try:
+            if folder.is_symlink() or folder.exists():
+                for p in (folder, folder / CONFIG_NAME, folder / WEIGHTS_NAME):
+                    if (p.is_symlink() or p.exists()) and not self._inside(p, name):
+                        raise BlockNameError(f"block {name!r} leads outside the blocks folder; it is not loaded",
+                                             setting="name")
+            return folder if folder.is_dir() and (folder / CONFIG_NAME).is_file() else None
+        except OSError as exc:  # unreadable (permissions, a name too long for the file system)
+            raise AdapterFormatError(f"block {name!r} cannot be read: {exc.strerror or exc}", setting="name") from None
 
     def get(self, name: str) -> LoadedBlock:
         """Block ``name``, opened and read (from memory when its files are unchanged)."""

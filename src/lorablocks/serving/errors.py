@@ -9,7 +9,7 @@ from lorablocks.errors import (AdapterFormatError, CompositionError, ConfigError
                                ShapeMismatchError, UnsupportedAdapterError, one_line)
 
 __all__ = ["BlockNameError", "UnknownBlockError", "RequestError", "ServerBusyError", "AuthError", "error_status",
-           "error_body"]
+           "error_body", "describe", "printable"]
 
 
 class BlockNameError(LoraBlocksError):
@@ -47,7 +47,8 @@ _STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (ConfigError, 422),
     (LoraBlocksError, 400),
 )
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+          413: "request_too_large", 415: "invalid_request_error", 421: "misdirected_request",
           422: "invalid_request_error", 503: "server_busy", 500: "server_error"}
 
 
@@ -57,8 +58,10 @@ def error_status(exc: BaseException) -> int:
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
-    """OpenAI's error object (the ``openai`` client reads ``error.message``)."""
-    return {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"), "param": param,
+    """OpenAI's error object (the ``openai`` client reads ``error.message``); the message on one line, in
+    valid Unicode (a lone surrogate from a request is shown escaped)."""
+    return {"error": {"message": printable(message), "type": _TYPES.get(status, "invalid_request_error"),
+                      "param": None if param is None else printable(param),
                       "code": status}}
 
 
@@ -68,3 +71,9 @@ def describe(exc: BaseException) -> tuple[int, dict[str, Any]]:
     if status == 500:
         return 500, error_body(500, f"internal error: {type(exc).__name__}: {one_line(exc)}")
     return status, error_body(status, one_line(exc), getattr(exc, "setting", None))
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters, lone surrogates and other unprintable characters escaped
+    (``\\n``, ``\\ud800``): one line, encodable as UTF-8."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)

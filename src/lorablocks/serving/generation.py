@@ -23,7 +23,7 @@ import torch
 from lorablocks.serving.errors import RequestError
 
 __all__ = ["SamplingParams", "Chunk", "PromptMode", "encode_prompt", "encode_chat", "generate_stream",
-           "generate_text", "eos_token_ids", "context_length"]
+           "generate_text", "eos_token_ids", "context_length", "tokens_left", "check_length", "check_text"]
 
 PromptMode = Literal["auto", "chat", "raw", "qa"]
 
@@ -61,11 +61,22 @@ class Chunk:
 
 
 def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:
+    check_text(text, "prompt")
     ids = list(tokenizer(text, add_special_tokens=special)["input_ids"])
     if not ids:  # an empty prompt: start from BOS (or EOS, GPT-2's document separator)
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         ids = [start] if start is not None else []
     return ids
+
+
+def check_text(text: str, setting: str) -> str:
+    """``text`` if it is valid Unicode (encodable as UTF-8); a lone surrogate (``\\ud800``) is refused."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestError(f"{setting} holds {text[exc.start]!a} at character {exc.start}: a lone surrogate, not "
+                           "text (send valid UTF-16 pairs or UTF-8)", setting=setting) from None
+    return text
 
 
 def encode_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
@@ -118,12 +129,26 @@ def context_length(model: Any) -> int | None:
     return None
 
 
-def check_length(model: Any, prompt_tokens: int, max_new_tokens: int) -> None:
-    """Refuse a request whose prompt plus answer would not fit the model's positions."""
+def tokens_left(model: Any, prompt_tokens: int, setting: str | None = None) -> int | None:
+    """How many tokens the model's positions leave after the prompt (``None``: no known limit); a prompt
+    that leaves none is refused, blaming the prompt (``setting``)."""
     limit = context_length(model)
-    if limit is not None and prompt_tokens + max_new_tokens > limit:
-        raise RequestError(f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_new_tokens}) exceeds the "
-                           f"model's context of {limit} tokens", setting="max_tokens")
+    if limit is None:
+        return None
+    if prompt_tokens >= limit:
+        raise RequestError(f"the prompt is {prompt_tokens} tokens, too long for the model's context of {limit} "
+                           "tokens (it must leave room for at least one new token)", setting=setting)
+    return limit - prompt_tokens
+
+
+def check_length(model: Any, prompt_tokens: int, max_new_tokens: int, setting: str = "max_new_tokens",
+                 prompt_setting: str | None = None) -> None:
+    """Refuse a request whose prompt plus answer would not fit the model's positions, blaming the prompt
+    when it alone fills them and ``setting`` (the number of new tokens) otherwise."""
+    left = tokens_left(model, prompt_tokens, prompt_setting)
+    if left is not None and max_new_tokens > left:
+        raise RequestError(f"{setting} {max_new_tokens} does not fit: the prompt is {prompt_tokens} tokens and the "
+                           f"model's context of {prompt_tokens + left} tokens leaves room for {left}", setting=setting)
 
 
 # ------------------------------------------------------------------------------------------ decoding
@@ -171,7 +196,9 @@ class _StopDecoder:
 def _next_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
     if params.temperature == 0.0 or gen is None:
         return int(torch.argmax(logits))
-    logits = logits.float() / params.temperature
+    # softmax((l - max l) / T) in float64: every entry is <= 0 before the division, so a tiny T (1e-300, which
+    # float32 would round to 0, making 0 / 0 = NaN) sends the others to -inf, never inf or NaN: the greedy limit
+    logits = (logits.double() - logits.max().double()) / params.temperature
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)

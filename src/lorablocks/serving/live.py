@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from lorablocks.compose.recipe import MemorySource, Recipe, compose
+from lorablocks.compose.recipe import MemorySource, Recipe, compose, scaled_overflows
 from lorablocks.core.algebra import Delta
 from lorablocks.errors import CompositionError
 from lorablocks.model.merge import check_delta_fits
@@ -82,12 +82,14 @@ class ActiveBlock:
 
 @dataclass(frozen=True)
 class ChangeReport:
-    """A change of composition: the new blocks and fingerprint, how long it took (all, and the write-locked part)."""
+    """A change of composition: the new blocks and fingerprint, how long it took (all, and the write-locked part),
+    and the blocks available (listed before the change: nothing after the swap can fail)."""
 
     active: tuple[ActiveBlock, ...]
     fingerprint: str
     seconds: float
     locked_seconds: float
+    available: tuple[str, ...] = ()
 
 
 class LiveModel:
@@ -123,7 +125,7 @@ class LiveModel:
     def set_active(self, entries: Sequence[tuple[str, float]]) -> ChangeReport:
         """Make exactly ``entries`` the composition (empty: the base model); unchanged on any error."""
         with self._change:
-            return self._set(entries)
+            return self._set(entries, lambda i: f"active.{i}.weight")
 
     def add(self, name: str, weight: float) -> ChangeReport:
         """Add block ``name`` at ``weight``, or change its weight if active."""
@@ -134,7 +136,7 @@ class LiveModel:
                 entries[names.index(name)] = (name, weight)
             else:
                 entries.append((name, weight))
-            return self._set(entries)
+            return self._set(entries, lambda i: "weight")
 
     def remove(self, name: str) -> ChangeReport:
         """Take block ``name`` out of the composition."""
@@ -142,29 +144,33 @@ class LiveModel:
             if name not in [b.name for b in self.active]:
                 self.library.path(name)  # a path-y or unknown name gets its own error first
                 raise UnknownBlockError(f"block {name!r} is not active", setting="name")
-            return self._set([(b.name, b.weight) for b in self.active if b.name != name])
+            return self._set([(b.name, b.weight) for b in self.active if b.name != name], lambda i: "weight")
 
-    def _set(self, entries: Sequence[tuple[str, float]]) -> ChangeReport:
+    def _set(self, entries: Sequence[tuple[str, float]], weight_setting: Callable[[int], str]) -> ChangeReport:
+        """Everything that can fail (names, files, weights, the merged weights, the listing) before the swap;
+        ``weight_setting(i)`` names entry ``i``'s weight in errors (the request's field)."""
         t0 = time.perf_counter()
         names = [n for n, _ in entries]
         dup = next((n for n in names if names.count(n) > 1), None)
         if dup is not None:
             raise CompositionError(f"block {dup!r} is listed twice", setting="active")
-        bad = next((w for _, w in entries if not math.isfinite(w)), None)
-        if bad is not None:
-            raise CompositionError(f"weights must be finite numbers, got {bad}", setting="weight")
+        for i, (_, w) in enumerate(entries):
+            if not math.isfinite(w):
+                raise CompositionError(f"weights must be finite numbers, got {w}", setting=weight_setting(i))
         for n in names:  # every name checked before any block is read
             self.library.path(n)
         loaded = [self.library.get(n) for n in names]
+        _check_weights(loaded, [float(w) for _, w in entries], weight_setting)
         delta, recipe = self._compose(loaded, [float(w) for _, w in entries])
         prepared = self.composed.prepare(delta, recipe) if recipe is not None else None  # outside the lock
+        available = tuple(self.library.names())
         t1 = time.perf_counter()
         with self.lock.write():  # generations wait only for the copy into the weights
             report = self.composed.commit(prepared) if prepared is not None else self.composed.clear()
             active = tuple(ActiveBlock(n, float(w)) for n, w in entries)
             self._current = (active, report.fingerprint or BASE_FINGERPRINT)
         t2 = time.perf_counter()
-        return ChangeReport(*self._current, t2 - t0, t2 - t1)
+        return ChangeReport(*self._current, t2 - t0, t2 - t1, available)
 
     def _compose(self, loaded: Sequence[LoadedBlock], weights: Sequence[float]) -> tuple[Delta, Recipe | None]:
         """The live recipe of ``loaded`` and its delta, checked against the model (before any lock)."""
@@ -176,6 +182,16 @@ class LiveModel:
         composition = compose(recipe, [MemorySource(b.delta) for b in loaded])
         check_delta_fits(self.composed.model, composition.delta, label="the composition")
         return composition.delta, recipe
+
+
+def _check_weights(loaded: Sequence[LoadedBlock], weights: Sequence[float],
+                   weight_setting: Callable[[int], str]) -> None:
+    """Refuse a weight so large that the block's factors times it overflow, naming that block's weight."""
+    for i, (block, w) in enumerate(zip(loaded, weights)):
+        x = next((x for x in block.delta.values() if scaled_overflows(w, x)), None)
+        if x is not None:
+            raise CompositionError(f"block {block.name!r}: weight {w:g} is too large (times the block's factors it "
+                                   f"overflows {str(x.A.dtype).removeprefix('torch.')})", setting=weight_setting(i))
 
 
 class Runner:

@@ -5,21 +5,24 @@ under the composition's read lock; changes run on FastAPI's thread pool and take
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from lorablocks.serving.api import (ChatRequest, CompletionRequest, PostBlock, PutBlocks, chat_object,
                                     completion_object, new_id, sampling_params, usage)
 from lorablocks.serving.errors import RequestError, ServerBusyError, describe
 from lorablocks.serving.generation import (Chunk, SamplingParams, check_length, encode_chat, encode_prompt,
-                                           generate_stream)
+                                           generate_stream, tokens_left)
+from lorablocks.serving.guard import Access, log_error
 from lorablocks.serving.live import ChangeReport, LiveModel, Runner
 
 __all__ = ["FINGERPRINT_HEADER", "AppSettings", "add_routes"]
@@ -32,9 +35,11 @@ class AppSettings:
     """What the HTTP layer needs besides the live model."""
 
     model_name: str = "lorablocks"
-    api_key: str | None = None
+    #: keys, accepted Host names, body limit (see :mod:`lorablocks.serving.guard`)
+    access: Access = field(default_factory=Access)
     max_tokens_limit: int = 512
-    #: ``max_tokens`` of a completion that gives none (OpenAI's default is 16); chat: the limit
+    #: ``max_tokens`` of a completion that gives none (OpenAI's default is 16); chat: the limit. Either is
+    #: cut to what the context leaves after the prompt (an explicit ``max_tokens`` that does not fit is refused)
     default_max_tokens: int = 16
 
 
@@ -130,7 +135,8 @@ class _Render:
                      "system_fingerprint": self.fingerprint, "choices": [], "usage": usage(prompt_tokens, tokens)})
 
 
-async def _events(job: _Job, render: _Render, prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+async def _events(job: _Job, render: _Render, prompt_tokens: int, include_usage: bool,
+                  path: str) -> AsyncIterator[str]:
     """The server-sent events of a streamed completion; the generation stops if the client goes away."""
     tokens = 0
     try:
@@ -147,21 +153,38 @@ async def _events(job: _Job, render: _Render, prompt_tokens: int, include_usage:
         if include_usage:
             yield render.usage_chunk(prompt_tokens, tokens)
         yield "data: [DONE]\n\n"
-    except Exception as exc:  # after the headers: the error goes into the stream
-        yield _sse(describe(exc)[1])
+    except Exception as exc:  # after the headers: the error goes into the stream (and one line into the log)
+        status, body = describe(exc)
+        log_error("POST", path, status, body["error"]["message"])
+        yield _sse(body)
         yield "data: [DONE]\n\n"
     finally:
         job.cancelled.set()
 
 
+def _fit_context(live: LiveModel, prompt_tokens: int, params: SamplingParams, given: Optional[int],
+                 prompt_field: str) -> SamplingParams:
+    """``params`` whose ``max_new_tokens`` fits the context after the prompt: a default is cut to fit (as vLLM
+    does), an explicit ``max_tokens`` that does not fit is refused; a prompt that fills the context too."""
+    model = live.composed.model
+    left = tokens_left(model, prompt_tokens, setting=prompt_field)
+    if given is not None:
+        check_length(model, prompt_tokens, given, setting="max_tokens", prompt_setting=prompt_field)
+        return params
+    if left is not None and params.max_new_tokens > left:
+        return dataclasses.replace(params, max_new_tokens=left)
+    return params
+
+
 async def _respond(live: LiveModel, runner: Runner, settings: AppSettings, ids: list[int],
                    params: SamplingParams, req: Any, chat: bool) -> Any:
-    check_length(live.composed.model, len(ids), params.max_new_tokens)
     job, fingerprint = await _start(live, runner, ids, params)
     render = _Render(chat, new_id("chatcmpl" if chat else "cmpl"), settings.model_name, fingerprint)
     headers = {FINGERPRINT_HEADER: fingerprint}
     if req.stream:
-        return StreamingResponse(_events(job, render, len(ids), req.include_usage()), media_type="text/event-stream",
+        path = "/v1/chat/completions" if chat else "/v1/completions"
+        return StreamingResponse(_events(job, render, len(ids), req.include_usage(), path),
+                                 media_type="text/event-stream",
                                  headers={**headers, "Cache-Control": "no-cache"})
     parts, finish, tokens = [], "length", 0
     try:
@@ -173,8 +196,8 @@ async def _respond(live: LiveModel, runner: Runner, settings: AppSettings, ids: 
     return JSONResponse(render.whole("".join(parts), finish, len(ids), tokens), headers=headers)
 
 
-def _changed(report: ChangeReport, live: LiveModel) -> JSONResponse:
-    body = {**live.state(), "active": [{"name": b.name, "weight": b.weight} for b in report.active],
+def _changed(report: ChangeReport) -> JSONResponse:
+    body = {"available": list(report.available), "active": [{"name": b.name, "weight": b.weight} for b in report.active],
             "fingerprint": report.fingerprint, "seconds": report.seconds, "locked_seconds": report.locked_seconds}
     return JSONResponse(body, headers={FINGERPRINT_HEADER: report.fingerprint})
 
@@ -198,14 +221,16 @@ def add_routes(app: FastAPI, live: LiveModel, runner: Runner, settings: AppSetti
         if len(prompts) != 1:
             raise RequestError(f"send one prompt per request, got {len(prompts)}", setting="prompt")
         params = sampling_params(req, req.max_tokens, settings.default_max_tokens, settings.max_tokens_limit)
-        ids = encode_prompt(tokenizer, prompts[0], "raw")
+        ids = await run_in_threadpool(encode_prompt, tokenizer, prompts[0], "raw")  # off the event loop
+        params = _fit_context(live, len(ids), params, req.max_tokens, "prompt")
         return await _respond(live, runner, settings, ids, params, req, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest) -> Any:
-        given = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        given = req.requested_max_tokens()
         params = sampling_params(req, given, settings.max_tokens_limit, settings.max_tokens_limit)
-        ids = encode_chat(tokenizer, [{"role": m.role, "content": m.text()} for m in req.messages])
+        ids = await run_in_threadpool(encode_chat, tokenizer, req.template_messages())  # off the event loop
+        params = _fit_context(live, len(ids), params, given, "messages")
         return await _respond(live, runner, settings, ids, params, req, chat=True)
 
     @app.get("/v1/blocks")
@@ -215,12 +240,12 @@ def add_routes(app: FastAPI, live: LiveModel, runner: Runner, settings: AppSetti
 
     @app.put("/v1/blocks")
     def put_blocks(body: PutBlocks) -> JSONResponse:
-        return _changed(live.set_active([(b.name, b.weight) for b in body.active]), live)
+        return _changed(live.set_active([(b.name, b.weight) for b in body.active]))
 
     @app.post("/v1/blocks/{name:path}")
     def post_block(name: str, body: Optional[PostBlock] = None) -> JSONResponse:
-        return _changed(live.add(name, (body or PostBlock()).weight), live)
+        return _changed(live.add(name, (body or PostBlock()).weight))
 
     @app.delete("/v1/blocks/{name:path}")
     def delete_block(name: str) -> JSONResponse:
-        return _changed(live.remove(name), live)
+        return _changed(live.remove(name))

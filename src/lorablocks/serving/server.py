@@ -1,6 +1,7 @@
 """``lorablocks serve``: an OpenAI-compatible server whose composition of blocks changes live, exactly.
 
-Endpoints (all behind ``Authorization: Bearer KEY`` when an API key is set):
+Endpoints (all behind ``Authorization: Bearer KEY`` when an API key is set; see
+:mod:`lorablocks.serving.guard` for what every request passes first, and who may change the composition):
 
 * ``GET /v1/models``; ``POST /v1/completions``; ``POST /v1/chat/completions`` (``stream: true`` as
   server-sent events). Every completion carries the fingerprint of the composition that produced it, as
@@ -15,42 +16,30 @@ status of every library error is decided in one place, :func:`lorablocks.serving
 from __future__ import annotations
 
 import contextlib
-import hmac
+import logging
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from lorablocks.errors import LoraBlocksError
-from lorablocks.serving.errors import AuthError, RequestError, describe, error_body
+from lorablocks.serving.errors import RequestError
+from lorablocks.serving.guard import LOG, Access, Guard, error_for, error_json
 from lorablocks.serving.live import LiveModel, Runner
 from lorablocks.serving.routes import FINGERPRINT_HEADER, AppSettings, add_routes
 
-__all__ = ["FINGERPRINT_HEADER", "AppSettings", "ServeSettings", "error_response", "create_app", "serve"]
-
-
-def _error(status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
-
-
-def error_response(exc: BaseException) -> JSONResponse:
-    """The one translation of an exception into an HTTP answer."""
-    status, body = describe(exc)
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-# ---------------------------------------------------------------------------------------------- the app
+__all__ = ["FINGERPRINT_HEADER", "Access", "AppSettings", "ServeSettings", "create_app", "serve"]
 
 
 def create_app(live: LiveModel, runner: Runner, settings: AppSettings | None = None) -> FastAPI:
-    """The FastAPI application serving ``live``; generations run on ``runner``."""
+    """The FastAPI application serving ``live``; generations run on ``runner``; every request passes the
+    :class:`~lorablocks.serving.guard.Guard` of ``settings.access`` first."""
     settings = settings or AppSettings()
 
     @contextlib.asynccontextmanager
@@ -61,29 +50,27 @@ def create_app(live: LiveModel, runner: Runner, settings: AppSettings | None = N
     app = FastAPI(title="lorablocks", summary="LoRA blocks composed live into a served model", lifespan=lifespan)
     app.state.live, app.state.runner, app.state.settings = live, runner, settings
     _add_error_handlers(app)
-    if settings.api_key:
-        app.add_middleware(_ApiKeyMiddleware, key=settings.api_key)
+    app.add_middleware(Guard, access=settings.access)
     add_routes(app, live, runner, settings)
     return app
 
 
 def _add_error_handlers(app: FastAPI) -> None:
+    """Known errors as their 4xx (anything else reaches the Guard's catch-all: one JSON 500)."""
+
     @app.exception_handler(LoraBlocksError)
-    async def _library(_request: Any, exc: LoraBlocksError) -> Any:
-        return error_response(exc)
+    async def _library(request: Request, exc: LoraBlocksError) -> Any:
+        return error_for(request.method, request.url.path, exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_request: Any, exc: RequestValidationError) -> Any:
+    async def _validation(request: Request, exc: RequestValidationError) -> Any:
         status, message, param = validation_message(exc.errors())
-        return _error(status, message, param)
+        return error_json(request.method, request.url.path, status, message, param)
 
     @app.exception_handler(HTTPException)
-    async def _http(_request: Any, exc: HTTPException) -> Any:
-        return _error(exc.status_code, str(exc.detail), None, getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _other(_request: Any, exc: Exception) -> Any:
-        return error_response(exc)
+    async def _http(request: Request, exc: HTTPException) -> Any:
+        return error_json(request.method, request.url.path, exc.status_code, str(exc.detail), None,
+                          getattr(exc, "headers", None))
 
 
 def validation_message(errors: Sequence[Any]) -> tuple[int, str, str | None]:
@@ -109,23 +96,6 @@ def _is_branch(part: Any) -> bool:
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "bytes"}
 
 
-class _ApiKeyMiddleware:
-    """Every request needs ``Authorization: Bearer KEY`` (401 otherwise), checked in constant time."""
-
-    def __init__(self, app: Any, key: str) -> None:
-        self.app, self.key = app, f"Bearer {key}".encode()
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http":
-            given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.key):
-                response = error_response(AuthError("missing or wrong API key: send the header "
-                                                    "'Authorization: Bearer KEY'"))
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
 # ------------------------------------------------------------------------------------------ serving
 
 
@@ -138,11 +108,22 @@ class ServeSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
+    admin_key: str | None = None
+    #: ``Host`` names accepted besides this machine's own and the address it listens on
+    allowed_hosts: tuple[str, ...] = ()
+    max_body_bytes: int = 1 << 20
     max_tokens_limit: int = 512
     active: tuple[tuple[str, float], ...] = field(default_factory=tuple)
     workers: int = 4
     queue: int = 32
     cache_dir: str | None = None
+
+    def access(self, bound: str) -> Access:
+        """Who may do what, once the server listens on address ``bound``."""
+        wildcard = bound in ("0.0.0.0", "::", "")
+        hosts = (*self.allowed_hosts, *(() if wildcard else (self.host, bound)))
+        return Access(api_key=self.api_key, admin_key=self.admin_key, hosts=hosts, any_ip_host=wildcard,
+                      max_body_bytes=self.max_body_bytes)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -167,28 +148,40 @@ def serve(settings: ServeSettings, announce: Callable[[str], None] = print) -> N
 
     if not 1 <= settings.max_tokens_limit:
         raise RequestError("the max_tokens limit must be a positive integer", setting="max_tokens_limit")
+    settings.access(settings.host)  # the keys and limits, checked before the slow model load
     library = BlockLibrary(settings.blocks)
     for name, _ in settings.active:  # name errors before the slow model load
         library.path(name)
     live = LiveModel(ComposedModel.load(settings.model, cache_dir=settings.cache_dir), library)
     if settings.active:
         live.set_active(settings.active)
-    runner = Runner(settings.workers, settings.queue)
-    app = create_app(live, runner, AppSettings(model_name=_served_name(settings.model), api_key=settings.api_key,
-                                               max_tokens_limit=settings.max_tokens_limit))
     sock = _bind(settings.host, settings.port)
     host, port = sock.getsockname()[:2]
+    runner = Runner(settings.workers, settings.queue)
+    app = create_app(live, runner, AppSettings(model_name=_served_name(settings.model), access=settings.access(host),
+                                               max_tokens_limit=settings.max_tokens_limit))
+    _log_to_stderr()
     server = _Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=10), runner)
     shown = f"[{host}]" if ":" in host else host
     announce(f"serving {settings.model} on http://{shown}:{port}/v1 ({len(library.names())} blocks available, "
              f"composition {live.fingerprint[:12]}); Ctrl-C stops")
     if not settings.api_key and host not in ("127.0.0.1", "::1", "localhost"):
-        announce(f"warning: listening on {host} without --api-key: anyone who can reach it can change the model")
+        announce(f"warning: listening on {host} without --api-key: anyone who can reach it can generate")
     try:
         server.run(sockets=[sock])
     finally:
         runner.shutdown()
         sock.close()
+
+
+def _log_to_stderr() -> None:
+    """The server's log (one line per refused request or error) on stderr."""
+    if not LOG.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        LOG.addHandler(handler)
+        LOG.setLevel(logging.INFO)
+        LOG.propagate = False
 
 
 class _Server(uvicorn.Server):

@@ -109,6 +109,8 @@ class TrainConfig(OptimSettings, LoraSettings):
     resume: bool = Field(False, description="Continue from the latest checkpoint in the checkpoint folder (start afresh if there is none).")
     force: bool = Field(False, description="Replace an existing output folder.")
     cache_dir: Optional[str] = Field(None, description="Cache root for the built-in model (default $LORABLOCKS_CACHE or ~/.cache/lorablocks).")
+    statistics: bool = Field(True, description="Write the adapter's input statistics (lorablocks_stats.safetensors: its own training inputs) at the end, for regmean.")
+    statistics_tokens: int = Field(16384, ge=1, description="Tokens (the first training examples per domain) the statistics are collected on.")
 
     @field_validator("data", mode="before")
     @classmethod
@@ -127,7 +129,8 @@ class TrainConfig(OptimSettings, LoraSettings):
 
 
 #: Settings that do not change the trained weights (they may differ between a run and its resumption).
-RUN_ONLY = frozenset({"out", "resume", "force", "checkpoint_dir", "keep_checkpoints", "cache_dir", "checkpoint_every", "eval_every"})
+RUN_ONLY = frozenset({"out", "resume", "force", "checkpoint_dir", "keep_checkpoints", "cache_dir", "checkpoint_every", "eval_every",
+                      "statistics", "statistics_tokens"})
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:

@@ -55,6 +55,7 @@ from lorablocks.training.data import (
 from lorablocks.training.loss import AnswerNLL
 from lorablocks.training.precision import ResolvedPrecision, resolve_precision
 from lorablocks.training.progress import TrainProgress as _Progress
+from lorablocks.training.statistics import write_training_statistics
 from lorablocks.passes.evaluate import validation_loss as _validation_loss
 
 __all__ = ["TrainConfig", "TrainResult", "TrainState", "train_adapter", "load_config", "RECORD_NAME", "batch_schedule"]
@@ -387,11 +388,15 @@ def _inputs(config: TrainConfig) -> list[str]:
     return [d for d in [*config.data, config.model] if Path(d).exists()]
 
 
-def _write_output(config: TrainConfig, lora: LoraRun, record: dict[str, Any]) -> None:
+def _write_output(config: TrainConfig, lora: LoraRun, record: dict[str, Any], data: TrainData | None = None) -> None:
     """The adapter and its record into ``config.out`` (atomically, main process); drop the checkpoints."""
     if lora.accelerator.is_main_process:
         with atomic_dir(Path(config.out), force=config.force, kind="adapter", inputs=_inputs(config)) as tmp:
             lora.peft_model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
+            if config.statistics and data is not None:  # the input statistics regmean composes with
+                record["statistics"] = write_training_statistics(
+                    lora.peft_model, data.train, data.domains, data.pad, tmp, config.statistics_tokens,
+                    config.max_length, model_id(config.model))
             (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2, default=str) + "\n")
         if config.checkpoint_path.is_dir() and not config.keep_checkpoints:
             shutil.rmtree(config.checkpoint_path, ignore_errors=True)
@@ -436,7 +441,7 @@ def train_adapter(config: TrainConfig, *, model: Any = None, tokenizer: Any = No
         finally:
             bar.close()
         record = _record(config, lora, data, state, seconds, checkpoint)
-        _write_output(config, lora, record)
+        _write_output(config, lora, record, data)
     finally:
         peft_model.unload()  # give the caller its base model back, without LoRA layers
     return TrainResult(adapter=out, record=record)
