@@ -5,7 +5,9 @@ Stages (BRIEF, "The study"), per seed (each in :mod:`lorablocks.study.stages`, c
 1. one adapter per domain (its train split);
 2. a merged-data adapter per configured subset (the union of its train splits, domains balanced, the same
    number of optimizer steps per domain, so ``|S| * steps_per_domain`` in all);
-3. every sum of two or more single adapters (exact, factored), and every configured method beside it;
+3. every sum of two or more single adapters (exact, factored), and every configured method beside it
+   (``regmean`` with each block's input statistics; unlearning with it is recomposing without the block,
+   scored on the block's own domain as ``unlearn-regmean:<domain>``);
 4. perplexity on the held-out split: the base model and the singles on every domain; a sum, a method's
    combination and a merged-data adapter on the domains of its subset; the unlearned sums (the sum of all
    minus one) on every domain; each example's NLL is kept for the intervals;
@@ -29,7 +31,7 @@ from lorablocks.files.outputs import STUDY_MARKER, output_kind, utc_now, version
 from lorablocks.study.analysis import StudyResult, analyse
 from lorablocks.study.config import StudyConfig, load_config, plan_subsets  # noqa: F401  (load_config: imported from here before)
 from lorablocks.study.stages import (EvalJob, StudyContext, Trained, evaluation_stage, expose_adapters, learned_stage,
-                                     probe_stage, recipe_of, tag, train_stage)
+                                     probe_stage, recipe_of, statistics_stage, tag, train_stage)
 
 __all__ = ["run_study", "StudyResult"]
 
@@ -83,6 +85,10 @@ def plan_jobs(ctx: StudyContext, trained: Trained, sums, merged_sets) -> tuple[l
                 else:
                     recipe = recipe_of(trained, keys, [1.0] * len(s), method=spec.name, params=spec.params)
                 jobs.append(EvalJob(f"{spec.label}:{tag(s)}", "method", seed, s, s, recipe, keys))
+                if spec.name == "regmean" and len(s) == len(every) - 1:  # unlearning d = recomposing without it
+                    gone = next(d for d in every if d not in s)
+                    jobs.append(EvalJob(f"unlearn-{spec.label}:{gone}", "unlearn-method", seed, (gone,), (gone,),
+                                        recipe, keys))
         jobs += [EvalJob(f"merged:{tag(s)}", "merged", seed, s, s, recipe_of(trained, [(seed, s)], [1.0]),
                          ((seed, s),)) for s in merged_sets]
         for d in cfg.domains:
@@ -106,6 +112,8 @@ def run_study(config: StudyConfig, data_root: str | os.PathLike | None, out: str
     ctx = _context(config, data_root, out, cache_dir, log)
     sums, merged_sets = plan_subsets(config.domains, config.max_sum_size, config.merged_subsets)
     trained = train_stage(ctx, merged_sets)
+    if any(m.name == "regmean" for m in config.methods):
+        statistics_stage(ctx, trained)
     exposed = expose_adapters(ctx, trained)
     log(f"trained adapters: {out / 'adapters'} ({len(exposed)} folders)")
     t0 = time.perf_counter()

@@ -28,7 +28,7 @@ from lorablocks.files.outputs import write_json
 from lorablocks.study.config import StudyConfig
 
 __all__ = ["fingerprint", "tag", "StudyContext", "BlockKey", "Trained", "EvalJob", "train_stage",
-           "expose_adapters", "evaluation_stage", "probe_stage", "learned_stage"]
+           "statistics_stage", "expose_adapters", "evaluation_stage", "probe_stage", "learned_stage"]
 
 Log = Callable[[str], None]
 #: ``(seed, subset)``: a single block has a one-domain subset, a merged-data block several
@@ -97,6 +97,8 @@ class Trained:
     sha256: dict[BlockKey, str] = field(default_factory=dict)
     deltas: dict[BlockKey, dict] = field(default_factory=dict)
     records: dict[BlockKey, dict] = field(default_factory=dict)
+    #: each block's input statistics (written by training, or collected by :func:`statistics_stage`)
+    statistics: dict[BlockKey, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -164,6 +166,26 @@ def train_stage(ctx: StudyContext, merged_sets: Sequence[tuple[str, ...]]) -> Tr
     return trained
 
 
+def statistics_stage(ctx: StudyContext, trained: Trained) -> None:
+    """Each single block's input statistics: those its training wrote, else collected now on its own training
+    inputs (the first examples of its train split, as training does) and stored beside the cached block."""
+    from lorablocks.files.statistics import STATS_NAME, statistics_beside, write_statistics
+    from lorablocks.passes.statistics import StatsSettings, block_statistics
+
+    for key, path in trained.paths.items():
+        stats = statistics_beside(path)
+        if stats is None and len(key[1]) == 1:
+            ctx.log(f"collecting input statistics of {tag(key[1])} (seed {key[0]}) on its training inputs")
+            session = ctx.session()
+            settings = StatsSettings(split="train", limit=ctx.config.train.train_limit,
+                                     max_length=ctx.config.train.max_length)
+            with session.composed(trained.deltas[key]):
+                got = block_statistics(session.model, session.tokenizer, list(trained.deltas[key]),
+                                       ctx.domains[key[1][0]], settings, ctx.model_id, trained.sha256[key])
+            stats = write_statistics(path / STATS_NAME, got.grams, got.modules, ctx.model_id, got.data)
+        trained.statistics[key] = stats
+
+
 def expose_adapters(ctx: StudyContext, trained: Trained) -> dict[str, Path]:
     """Copy each trained adapter to ``OUT/adapters/<name>`` (``-seedN`` with several seeds); returns the names."""
     from lorablocks.files.outputs import atomic_dir, output_kind, sha256_file
@@ -206,8 +228,13 @@ class EvalJob:
 
 def recipe_of(trained: Trained, keys: Sequence[BlockKey], weights: Sequence[float], method: str = "sum",
               params: dict | None = None) -> Recipe:
-    """A recipe over trained blocks (fingerprinted by their content)."""
-    blocks = [Block(name=tag(k[1]), weight=w, sha256=trained.sha256[k]) for k, w in zip(keys, weights)]
+    """A recipe over trained blocks (fingerprinted by their content, and their statistics' for regmean)."""
+    from lorablocks.compose.methods import get_method
+
+    stats = get_method(method).needs_statistics
+    blocks = [Block(name=tag(k[1]), weight=w, sha256=trained.sha256[k],
+                    statistics_sha256=trained.statistics[k].sha256 if stats and trained.statistics.get(k) else None)
+              for k, w in zip(keys, weights)]
     return make_recipe(blocks, method=method, params=params, rank="concat")
 
 
@@ -227,7 +254,8 @@ def _score(ctx: StudyContext, job: EvalJob, trained: Trained, eval_set) -> dict:
     names = [ctx.domains[d].name for d in job.domains]
     sub = EvalSet(sets={n: eval_set.sets[n] for n in names}, split=eval_set.split, batch_tokens=eval_set.batch_tokens,
                   pad_id=eval_set.pad_id, fingerprints=eval_set.fingerprints, plans={n: eval_set.plans[n] for n in names})
-    delta = compose(job.recipe, [trained.deltas[k] for k in job.blocks]).delta if job.recipe else None
+    stats = [trained.statistics.get(k) for k in job.blocks] if job.recipe and job.recipe.method == "regmean" else None
+    delta = compose(job.recipe, [trained.deltas[k] for k in job.blocks], statistics=stats).delta if job.recipe else None
     t0 = time.perf_counter()
     with session.composed(delta, job.recipe):
         res = evaluate_perplexity(session.model, sub, precision=ctx.config.eval.precision)
