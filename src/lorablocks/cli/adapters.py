@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from lorablocks.cli.app import app, console
-from lorablocks.cli.options import (AllowBaseOpt, DensityOpt, ForceOpt, FractionOpt, MajorityOpt, MergeOpt, MethodOpt,
+from lorablocks.cli.options import (AllowBaseOpt, AlphaOpt, DensityOpt, ForceOpt, FractionOpt, MajorityOpt, MergeOpt, MethodOpt,
                                     RankOpt, RtolOpt, SeedOpt, SpaceOpt, WeightsOpt, method_params, parse_rank,
                                     parse_weights)
 from lorablocks.compose import operations
@@ -39,10 +39,11 @@ def combine_cmd(
     seed: SeedOpt = None,
     fraction: FractionOpt = None,
     merge: MergeOpt = None,
+    alpha: AlphaOpt = None,
     rank: RankOpt = "minimal",
     rtol: RtolOpt = 1e-6,
-    model: Annotated[Optional[str], typer.Option("--model", help="learned: the base model the weights are fitted on.")] = None,
-    data: Annotated[Optional[list[str]], typer.Option("--data", help="learned: domain(s) whose validation examples fit the weights (repeat the flag).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="learned: the base model the weights are fitted on; regmean: the model statistics are collected with.")] = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", help="learned: domain(s) whose validation examples fit the weights; regmean: one domain per adapter, for adapters without stored statistics (repeat the flag).")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="learned: optimizer steps [20].")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="learned: examples per domain, a quarter held out [16].")] = None,
     merge_into: Annotated[Optional[Path], typer.Option("--merge-into", help="Write a full model: this base model folder plus the combined delta.")] = None,
@@ -55,13 +56,14 @@ def combine_cmd(
         _combine_learned(adapters, out, w, parse_rank(rank), rtol, model, data, steps, limit, allow_base_mismatch, force)
         return
     given = [f for f, v in (("--model", model), ("--data", data), ("--steps", steps), ("--limit", limit)) if v]
-    if given:
-        raise typer.BadParameter(f"{given[0]} is for --method learned only")
+    if given and not (method == "regmean" and given[0] in ("--model", "--data") and not (steps or limit)):
+        raise typer.BadParameter(f"{given[0]} is for --method learned only" + (" (and --model/--data for regmean)"
+                                                                               if given[0] in ("--model", "--data") else ""))
     request = operations.CombineRequest(
         weights=w, method=method, rank=parse_rank(rank), rtol=rtol,
         params=method_params(density=density, space=space, majority_sign=majority_sign, seed=seed,
-                             fraction=fraction, merge=merge),
-        allow_base_mismatch=allow_base_mismatch)
+                             fraction=fraction, merge=merge, alpha=alpha),
+        allow_base_mismatch=allow_base_mismatch, data=tuple(data or ()), model=model)
     result = operations.combine_files(adapters, out, request, merge_into=merge_into, force=force)
     _print_combine(result, out, "merged model" if merge_into else "adapter")
 

@@ -1,0 +1,172 @@
+"""The study's bootstrap, shaped like its design: shared test examples move together, seeds are a level.
+
+Every model, seed and sum scored on one domain's test set scores the *same* examples, so their errors are
+correlated through the examples. :class:`Resampler` therefore draws **one weight vector per domain and
+resample**, shared by every comparison on that domain: example ``i`` of domain ``d`` gets the Poisson(1)
+weight ``C_d[b, i]`` in resample ``b`` (the Poisson bootstrap; restricting it to the first ``m`` examples is
+again a Poisson bootstrap of those ``m``, which the joint perplexity needs). With several training seeds the
+resample is **two-level**: seeds are drawn with replacement (multinomial counts ``W[b, s]``) and, crossed
+with them, the examples. A perplexity change over a set of domains is then, in resample ``b``,
+
+    100 * expm1((sum_d sum_s W[b,s] sum_i C_d[b,i] (nll_new - nll_ref)[s,i]) / (same sum over tokens))
+
+and every statistic built from several changes (a fit over points, a pooled degradation) is recomputed from
+the same resamples, so their dependence is kept. With one seed the intervals are conditional on the trained
+blocks: they cover test-example noise, not training noise.
+
+A bootstrap over a few seeds understates their spread (by ``(S-1)/S`` in variance, and with normal rather
+than ``t`` tails), so with ``S > 1`` seeds the replicates are widened about the point by
+``sqrt((V_seed * S/(S-1) * (t_{S-1}/z)^2 + V_examples) / (V_seed + V_examples))``, ``V_seed`` and
+``V_examples`` the variances of the seed-only and example-only resamples (a small-sample correction of the
+seed level only; with 3 seeds of large spread it brings coverage from about 82 % back to 95 %).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["Interval", "Estimate", "Resampler", "bootstrap_p", "DEFAULT_RESAMPLES"]
+
+#: Resamples per study: the 2.5 % and 97.5 % ends move by well under 0.1 point between seeds.
+DEFAULT_RESAMPLES = 10_000
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with its 95 % interval ``[low, high]``; ``p`` its two-sided bootstrap p-value and
+    ``p_adj`` the Holm-adjusted one within ``family`` (None: not tested, or not part of a family)."""
+
+    value: float
+    low: float
+    high: float
+    p: float | None = None
+    p_adj: float | None = None
+    family: str | None = None
+
+    @property
+    def excludes_zero(self) -> bool:
+        """Whether the unadjusted 95 % interval excludes 0."""
+        return self.low > 0 or self.high < 0
+
+    @property
+    def significant(self) -> bool:
+        """The decision the report uses: Holm-adjusted p < 0.05 where adjusted, else the interval."""
+        if self.p_adj is not None:
+            return self.p_adj < 0.05
+        return self.excludes_zero
+
+    @property
+    def better(self) -> bool:
+        return self.significant and self.value < 0
+
+    @property
+    def worse(self) -> bool:
+        return self.significant and self.value > 0
+
+    def to_dict(self) -> dict:
+        return {"value": self.value, "low": self.low, "high": self.high, "p": self.p, "p_adj": self.p_adj,
+                "family": self.family}
+
+    def format_pct(self) -> str:
+        """``+4.3 % [+1.2, +7.5]``."""
+        return f"{self.value:+.1f} % [{self.low:+.1f}, {self.high:+.1f}]"
+
+
+NAN_INTERVAL = Interval(math.nan, math.nan, math.nan)
+
+
+def bootstrap_p(boot: np.ndarray, null: float = 0.0) -> float | None:
+    """Two-sided bootstrap p-value of ``null``: ``2 min(P(b <= null), P(b >= null))`` with the +1 rule."""
+    boot = boot[np.isfinite(boot)]
+    if not len(boot):
+        return None
+    n = len(boot)
+    lo, hi = (np.sum(boot <= null) + 1) / (n + 1), (np.sum(boot >= null) + 1) / (n + 1)
+    return float(min(1.0, 2 * min(lo, hi)))
+
+
+@dataclass
+class Estimate:
+    """A statistic's point value and its bootstrap replicates (one per resample of :class:`Resampler`)."""
+
+    value: float
+    boot: np.ndarray = field(repr=False)
+
+    def interval(self, test: bool = True) -> Interval:
+        b = self.boot[np.isfinite(self.boot)]
+        if not math.isfinite(self.value) or not len(b):
+            return Interval(self.value, math.nan, math.nan)
+        low, high = np.percentile(b, [2.5, 97.5])
+        return Interval(float(self.value), float(low), float(high), bootstrap_p(b) if test else None)
+
+
+Rows = np.ndarray  # (seeds, examples, 2): nll, tokens
+
+
+class Resampler:
+    """Shared resampling weights: per domain ``C_d`` (resamples x examples), per seed ``W`` (resamples x seeds)."""
+
+    def __init__(self, sizes: Mapping[str, int], n_seeds: int, resamples: int = DEFAULT_RESAMPLES, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.resamples, self.n_seeds = resamples, n_seeds
+        # domains in sorted order so the draws do not depend on the order they are named in
+        self.example_weights = {d: rng.poisson(1.0, size=(resamples, sizes[d])).astype(np.float64) for d in sorted(sizes)}
+        self.seed_weights = (rng.multinomial(n_seeds, [1.0 / n_seeds] * n_seeds, size=resamples).astype(np.float64)
+                             if n_seeds > 1 else np.ones((resamples, 1)))
+
+    def totals(self, rows: Rows, domain: str, seeds: Sequence[int]) -> tuple[float, float, np.ndarray, np.ndarray]:
+        """Point and resampled sums of NLL and tokens of ``rows`` (the seeds ``seeds`` index into ``W``)."""
+        m = rows.shape[1]
+        C = self.example_weights[domain][:, :m]  # (B, m)
+        W = self.seed_weights[:, list(seeds)]  # (B, S)
+        nll = ((rows[:, :, 0] @ C.T).T * W).sum(axis=1)
+        tok = ((rows[:, :, 1] @ C.T).T * W).sum(axis=1)
+        return float(rows[:, :, 0].sum()), float(rows[:, :, 1].sum()), nll, tok
+
+    def change(self, new: Mapping[str, Rows], ref: Mapping[str, Rows], seeds: Sequence[int]) -> Estimate:
+        """``100 * (PPL_new / PPL_ref - 1)`` over the domains of ``new`` (same rows in ``ref``), pooled over seeds."""
+        pn = pr = pt = 0.0
+        bn, br, bt = (np.zeros(self.resamples) for _ in range(3))
+        for d, a in new.items():
+            b = ref[d]
+            if a.shape != b.shape:
+                raise ValueError(f"change on {d}: both models must be scored on the same examples")
+            n1, t1, nb, tb = self.totals(a, d, seeds)
+            n2, _, rb, _ = self.totals(b, d, seeds)
+            pn, pr, pt = pn + n1, pr + n2, pt + t1
+            bn, br, bt = bn + nb, br + rb, bt + tb
+        if pt <= 0:
+            return Estimate(math.nan, np.full(self.resamples, math.nan))
+        value = 100.0 * math.expm1((pn - pr) / pt)
+        boot = _pct(bn - br, bt)
+        if len(seeds) > 1:
+            boot = value + (boot - value) * self._seed_inflation(new, ref, seeds)
+        return Estimate(value, boot)
+
+    def _seed_inflation(self, new: Mapping[str, Rows], ref: Mapping[str, Rows], seeds: Sequence[int]) -> float:
+        """The small-sample correction of the seed level (module docstring)."""
+        from scipy.stats import t as student_t
+
+        W = self.seed_weights[:, list(seeds)]
+        diff_s = sum((new[d][:, :, 0] - ref[d][:, :, 0]).sum(axis=1) for d in new)  # (S,)
+        tok_s = sum(new[d][:, :, 1].sum(axis=1) for d in new)
+        seed_only = _pct(W @ diff_s, W @ tok_s)
+        diff_e = sum((new[d][:, :, 0] - ref[d][:, :, 0]).sum(axis=0) @ self.example_weights[d][:, :new[d].shape[1]].T
+                     for d in new)
+        tok_e = sum(new[d][:, :, 1].sum(axis=0) @ self.example_weights[d][:, :new[d].shape[1]].T for d in new)
+        ex_only = _pct(diff_e, tok_e)
+        vs, ve = float(np.nanvar(seed_only)), float(np.nanvar(ex_only))
+        if vs + ve <= 0:
+            return 1.0
+        S = len(seeds)
+        widen = S / (S - 1) * (float(student_t.ppf(0.975, S - 1)) / 1.959964) ** 2
+        return math.sqrt((vs * widen + ve) / (vs + ve))
+
+
+def _pct(dnll: np.ndarray, tok: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        return np.where(tok > 0, 100.0 * np.expm1(dnll / np.where(tok > 0, tok, 1.0)), 0.0)
