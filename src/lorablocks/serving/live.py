@@ -150,8 +150,8 @@ class LiveModel:
         """Everything that can fail (names, files, weights, the merged weights, the listing) before the swap;
         ``weight_setting(i)`` names entry ``i``'s weight in errors (the request's field)."""
         t0 = time.perf_counter()
-        names = [n for n, _ in entries]
-        dup = next((n for n in names if names.count(n) > 1), None)
+        names, seen = [n for n, _ in entries], set()
+        dup = next((n for n in names if n in seen or seen.add(n)), None)  # linear: a request may list many
         if dup is not None:
             raise CompositionError(f"block {dup!r} is listed twice", setting="active")
         for i, (_, w) in enumerate(entries):

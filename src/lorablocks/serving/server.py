@@ -75,7 +75,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 def validation_message(errors: Sequence[Any]) -> tuple[int, str, str | None]:
     """A request that does not parse: 400 for malformed JSON, else 422; one line naming the field."""
-    first = dict(errors[0]) if errors else {"type": "", "loc": (), "msg": "invalid request"}
+    # of a union's branches, the one that got furthest (a value error, not "should be a string") explains best
+    specific = [e for e in errors if not str(dict(e).get("type", "")).endswith("_type")]
+    first = dict((specific or list(errors))[0]) if errors else {"type": "", "loc": (), "msg": "invalid request"}
     if first.get("type") == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", "")
         return 400, f"the request body is not valid JSON{': ' + str(detail) if detail else ''}", None
