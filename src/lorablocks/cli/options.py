@@ -13,7 +13,7 @@ import typer
 from lorablocks.errors import LoraBlocksError
 
 __all__ = ["parse_weights", "parse_rank", "method_params", "ForceOpt", "RankOpt", "RtolOpt", "WeightsOpt",
-           "MethodOpt", "AllowBaseOpt", "DensityOpt", "SpaceOpt", "SeedOpt", "MajorityOpt", "FractionOpt", "MergeOpt"]
+           "MethodOpt", "AllowBaseOpt", "DensityOpt", "SpaceOpt", "SeedOpt", "MajorityOpt", "FractionOpt", "MergeOpt", "AlphaOpt"]
 
 
 def parse_weights(text: str | None, n: int) -> list[float] | None:
@@ -56,4 +56,5 @@ SpaceOpt = Annotated[Optional[str], typer.Option("--space", help="ties/dare/magn
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="dare: seed of the random drop (the same seed gives the same bytes).")]
 FractionOpt = Annotated[Optional[float], typer.Option("--fraction", help="tsv: fraction of min(out, in) singular triplets kept per block (default 1/n).")]
 MergeOpt = Annotated[Optional[str], typer.Option("--merge", help="knots: how the aligned parts are merged, linear or ties.")]
+AlphaOpt = Annotated[Optional[float], typer.Option("--alpha", help="regmean: share of each Gram's off-diagonal kept, in [0, 1] [0.9].")]
 MajorityOpt = Annotated[Optional[str], typer.Option("--majority-sign", help="ties/dare_ties: sign election by total or frequency.")]

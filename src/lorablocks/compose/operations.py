@@ -84,6 +84,9 @@ class CombineRequest:
     rank: str | int = "minimal"
     rtol: float = 1e-6
     allow_base_mismatch: bool = False
+    #: regmean: one domain per block, for blocks without stored statistics (collected now with ``model``)
+    data: Sequence[str] = ()
+    model: str | None = None
 
 
 def combine_files(paths: Sequence[str | os.PathLike], out: str | os.PathLike, request: CombineRequest | None = None,
@@ -96,18 +99,30 @@ def combine_files(paths: Sequence[str | os.PathLike], out: str | os.PathLike, re
     files = open_blocks(paths, allow_base_mismatch=request.allow_base_mismatch)
     recipe = make_recipe(blocks_of(files, request.weights), method=request.method, params=request.params,
                          rank=request.rank, rtol=request.rtol)
-    return write_composition(recipe, files, out, merge_into=merge_into, force=force)
+    statistics = None
+    if request.data or request.model:
+        from lorablocks.compose.methods import get_method
+        from lorablocks.compose.statistics import statistics_now
+        from lorablocks.model.models import DEFAULT_MODEL
+
+        if not get_method(recipe.method).needs_statistics:
+            raise CompositionError(f"--data/--model are not used by method {recipe.method}", setting="data")
+        if not request.data and any(f.statistics is None for f in files):
+            raise CompositionError("--model without --data: give one domain per adapter to collect the missing "
+                                   "statistics on", setting="data")
+        statistics = statistics_now(files, list(request.data) or [""] * len(files), request.model or DEFAULT_MODEL)
+    return write_composition(recipe, files, out, merge_into=merge_into, force=force, statistics=statistics)
 
 
 def write_composition(recipe: Recipe, files: Sequence[AdapterFile], out: str | os.PathLike, *,
                       extra_record: Mapping[str, Any] | None = None, merge_into: str | os.PathLike | None = None,
-                      force: bool = False) -> Composition:
+                      force: bool = False, statistics: Sequence[Any] | None = None) -> Composition:
     """Compose ``recipe`` from opened ``files`` and write it as an adapter (streamed, one module at a time)
     or merged into a model folder; the record is the recipe, the truncation report and ``extra_record``."""
     if merge_into is not None:
         from lorablocks.model.merge import write_merged_model
 
-        result = compose(recipe, files)
+        result = compose(recipe, files, statistics=statistics)
         write_merged_model(merge_into, result.delta, out,
                            {"kind": "merged-model", **result.record(), **(extra_record or {})}, force=force,
                            inputs=[f.path for f in files])
@@ -115,7 +130,7 @@ def write_composition(recipe: Recipe, files: Sequence[AdapterFile], out: str | o
     with AdapterWriter(out, base_model=files[0].base_model, fan_in_fan_out=files[0].fan_in_fan_out,
                        task_type=files[0].config.get("task_type", "CAUSAL_LM"), force=force,
                        inputs=[f.path for f in files]) as writer:
-        result = compose(recipe, files, sink=writer.add)
+        result = compose(recipe, files, sink=writer.add, statistics=statistics)
         writer.record = {"kind": "adapter", **result.record(), **(extra_record or {})}
     return result
 

@@ -176,6 +176,18 @@ def write_statistics(path: str | os.PathLike, grams: Mapping[str, InputGram], mo
     info = {"format": FORMAT, "base_model": base_model, "normalised": "token mean of x x^T", "sites": sites,
             "data": dict(data)}
     blob = save(tensors, metadata={"lorablocks": json.dumps(info, default=str)})
-    with atomic_file(path, force=path.exists(), mode="wb") as fh:
+    with _into_adapter_folder(), atomic_file(path, force=path.exists(), mode="wb") as fh:
         fh.write(blob)
     return open_statistics(path)
+
+
+def _into_adapter_folder() -> Any:
+    """Adding the statistics file into the adapter folder it describes is the one write into an input folder
+    lorablocks makes (a new file, or one it wrote itself: checked above), so the running command's record of
+    inputs is set aside for it."""
+    import contextlib
+
+    from lorablocks.files import records
+
+    fresh = getattr(records, "reading_inputs", None)
+    return fresh() if fresh is not None else contextlib.nullcontext()
