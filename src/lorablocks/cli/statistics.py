@@ -17,7 +17,7 @@ def stats_cmd(
     model: Annotated[str, typer.Option("--model", help="Base model: smollm2-135m (built in), a local folder or a hub id.")] = "smollm2-135m",
     split: Annotated[str, typer.Option("--split", help="Split whose first examples are used (train, validation or test).")] = "train",
     limit: Annotated[Optional[int], typer.Option("--limit", help="First N examples of the split (then at most --tokens tokens).")] = None,
-    tokens: Annotated[int, typer.Option("--tokens", help="Most tokens (prompt + answer) the statistics are collected on.")] = 16384,
+    tokens: Annotated[int, typer.Option("--tokens", help="Most tokens (prompt + answer) the statistics are collected on.")] = 4096,
     max_length: Annotated[int, typer.Option("--max-length", help="Max tokens per example; longer ones are truncated.")] = 256,
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Cache root for the built-in model.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace the block's existing lorablocks statistics file.")] = False,

@@ -134,7 +134,7 @@ def _train_block(ctx: StudyContext, subset: tuple[str, ...], seed: int, out: Pat
         **cfg.lora.model_dump(), **cfg.train.model_dump(exclude={"steps_per_domain", "warmup_steps"}),
         warmup_steps=min(cfg.train.warmup_steps, steps // 2), max_steps=steps, seed=seed, eval_every=0,
         model=cfg.model, data=[ctx.domains[d].source for d in subset], out=str(out), checkpoint_dir=str(ckpt),
-        resume=ckpt.is_dir() and any(ckpt.iterdir()), force=True,
+        resume=ckpt.is_dir() and any(ckpt.iterdir()), force=True, statistics=len(subset) == 1,  # singles compose
         cache_dir=str(ctx.cache_dir) if ctx.cache_dir else None)
     session = ctx.session()
     train_adapter(tc, model=session.model, tokenizer=session.tokenizer)

@@ -110,7 +110,7 @@ class TrainConfig(OptimSettings, LoraSettings):
     force: bool = Field(False, description="Replace an existing output folder.")
     cache_dir: Optional[str] = Field(None, description="Cache root for the built-in model (default $LORABLOCKS_CACHE or ~/.cache/lorablocks).")
     statistics: bool = Field(True, description="Write the adapter's input statistics (lorablocks_stats.safetensors: its own training inputs) at the end, for regmean.")
-    statistics_tokens: int = Field(16384, ge=1, description="Tokens (the first training examples per domain) the statistics are collected on.")
+    statistics_tokens: int = Field(4096, ge=1, description="Tokens (the first training examples per domain) the statistics are collected on.")
 
     @field_validator("data", mode="before")
     @classmethod
