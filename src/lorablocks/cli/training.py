@@ -36,7 +36,7 @@ CacheOpt = Annotated[
 
 @app.command("prepare-model")
 def prepare_model_cmd(
-    model: Annotated[str, typer.Option("--model", help="Built-in model to convert.")] = "smollm2-135m",
+    model: Annotated[str, typer.Option("--model", help="Built-in model to convert: smollm2-135m or gemma3-270m.")] = "smollm2-135m",
     cache_dir: CacheOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Convert again even if the cache folder exists.")] = False,
 ) -> None:
