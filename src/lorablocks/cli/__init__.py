@@ -20,7 +20,7 @@ __all__ = ["app", "main", "run_app", "INTERRUPTED"]
 #: The one line an interrupted command prints (exit code 130).
 INTERRUPTED = "interrupted (outputs are written atomically: nothing half-written is left)"
 
-_VERBS = ("adapters", "training", "evaluation", "statistics", "study", "serving")
+_VERBS = ("adapters", "training", "evaluation", "statistics", "study", "serving", "export")
 
 
 def _load() -> ModuleType:
