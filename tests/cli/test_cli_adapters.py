@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -92,6 +93,12 @@ def _other_model(tmp_path):
     return tmp_path / "other"
 
 
+def _plain_folder(path: Path) -> Path:
+    path.mkdir()
+    (path / "notes.txt").write_text("not an adapter")
+    return path
+
+
 @pytest.mark.parametrize(
     "case,expect",
     [
@@ -110,7 +117,7 @@ def test_bad_input_one_line_nonzero_nothing_written(tmp_path, adapters, capsys, 
     out = tmp_path / "out"
     argv = {
         "missing": ["combine", a, tmp_path / "nope", "--out", out],
-        "not_adapter": ["combine", a, tmp_path, "--out", out],
+        "not_adapter": ["combine", a, _plain_folder(tmp_path / "plain"), "--out", out],  # out is not inside it
         "corrupt": ["combine", a, _corrupt_copy(b, tmp_path / "bad"), "--out", out],
         "shapes": ["combine", a, _other_model(tmp_path), "--out", out],
         "weights": ["combine", a, b, c, "--weights", "1,2", "--out", out],
@@ -177,7 +184,8 @@ def test_nan_found_mid_combine_leaves_nothing(tmp_path, adapters, capsys):
 
 
 def test_merge_into_a_folder_that_is_not_a_model(tmp_path, adapters, capsys):
-    code, _, err = run(["combine", adapters[0], "--merge-into", tmp_path, "--out", tmp_path / "m"], capsys)
+    plain = _plain_folder(tmp_path / "plain")
+    code, _, err = run(["combine", adapters[0], "--merge-into", plain, "--out", tmp_path / "m"], capsys)
     assert code == 2 and "not a model folder" in err
     assert not (tmp_path / "m").exists()
 

@@ -1,9 +1,15 @@
 """Command-line interface: ``lorablocks VERB ...``.
 
 Importing this package imports nothing heavy: the Typer app and the verb modules (which register their
-commands on it, and import torch) are loaded by :func:`run_app`/:func:`main`, inside the interrupt
-protection, so Ctrl-C at any moment, even during imports, exits 130 with one line and no traceback.
-``lorablocks.cli.app`` is the Typer application once loaded.
+commands on it, and import torch) are loaded by :func:`run_app`/:func:`main`. Each run records the files it
+reads (:func:`lorablocks.files.outputs.reading_inputs`), so that no output ever replaces or lies inside one.
+
+Ctrl-C: :func:`main` installs its SIGINT handler first, before any heavy import. While no output is being
+written it prints one line and exits 130 at once (a KeyboardInterrupt raised inside torch's C++ code would
+abort the process, and one swallowed by a library's ``except`` would be ignored). While an output is being
+written it raises KeyboardInterrupt, so that the writer removes its temporary output, and it records the
+interrupt, so that no output is moved into place afterwards even if the exception was swallowed: exit 130,
+one line, nothing written. ``lorablocks.cli.app`` is the Typer application once loaded.
 """
 
 from __future__ import annotations
@@ -11,16 +17,44 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import signal
 import sys
+import threading
 from types import ModuleType
 from typing import Any
 
-__all__ = ["app", "main", "run_app", "INTERRUPTED"]
+from lorablocks.files import outputs as _outputs
+
+__all__ = ["app", "main", "run_app", "INTERRUPTED", "install_interrupt_handler", "raise_on_interrupt"]
 
 #: The one line an interrupted command prints (exit code 130).
 INTERRUPTED = "interrupted (outputs are written atomically: nothing half-written is left)"
 
 _VERBS = ("adapters", "training", "evaluation", "statistics", "study", "serving", "export")
+#: True once a verb takes Ctrl-C as an ordinary stop (a running server): the handler then always raises.
+_RAISE = False
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    """SIGINT: unwind when an output is being written (or a verb asked to), else one line and exit 130 now."""
+    _outputs.note_interrupt()
+    if _RAISE or _outputs.writing():
+        raise KeyboardInterrupt
+    try:
+        os.write(2, (INTERRUPTED + "\n").encode())
+    finally:
+        os._exit(130)
+
+
+def install_interrupt_handler() -> None:
+    """Take over Ctrl-C for this process as the module docstring says (the console entry point does)."""
+    signal.signal(signal.SIGINT, _on_sigint)
+
+
+def raise_on_interrupt() -> None:
+    """From now on Ctrl-C raises KeyboardInterrupt (for a verb that stops cleanly on it: ``serve`` once it serves)."""
+    global _RAISE
+    _RAISE = True
 
 
 def _load() -> ModuleType:
@@ -38,21 +72,27 @@ def _load() -> ModuleType:
 
 def run_app(argv: list[str] | None = None) -> int:
     """Run the CLI in this process and return its exit code (see :mod:`lorablocks.cli.app`)."""
-    try:
-        module = _load()
-    except KeyboardInterrupt:
-        sys.stderr.write(INTERRUPTED + "\n")
-        return 130
-    return module.run_app(argv)
+    with _outputs.reading_inputs():
+        try:
+            module = _load()
+        except KeyboardInterrupt:
+            sys.stderr.write(INTERRUPTED + "\n")
+            return 130
+        return module.run_app(argv)
 
 
 def main() -> None:
-    """Console entry point: exit with :func:`run_app`'s code; Ctrl-C at any moment exits 130 quietly."""
+    """Console entry point: exit with :func:`run_app`'s code; Ctrl-C at any moment exits 130 with one line."""
+    if threading.current_thread() is threading.main_thread():
+        install_interrupt_handler()
     try:
         code = run_app(sys.argv[1:])
     except KeyboardInterrupt:  # between the boundary's own handlers
-        sys.stderr.write(INTERRUPTED + "\n")
+        code = -1
+    if code == -1 or (code != 130 and _outputs.interrupt_noted() and not _RAISE):
+        sys.stderr.write(INTERRUPTED + "\n")  # interrupted, though a library swallowed the KeyboardInterrupt
         code = 130
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # done: a late Ctrl-C changes nothing now
     sys.exit(code)
 
 

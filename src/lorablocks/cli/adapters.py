@@ -148,9 +148,10 @@ def similarity_cmd(
 
     if json_out is not None and plot is not None and Path(json_out).resolve() == Path(plot).resolve():
         raise typer.BadParameter("--json and --plot must be different files")
+    inputs = [*adapters, *([model] if model and Path(model).exists() else [])]
     for p in (json_out, plot):
         if p is not None:
-            check_output_free(p, force, kind="file")
+            check_output_free(p, force, kind="file", inputs=inputs)  # before any work
     if probe_data and not model:
         raise typer.BadParameter("--probe-data needs --model (the base model whose inputs are probed)")
     rep = operations.similarity_report(adapters, allow_base_mismatch=allow_base_mismatch)

@@ -51,8 +51,9 @@ def eval_cmd(
         raise LoraBlocksError(f"unknown option {extra[0]}; see --help")
     more_adapters, more_domains = split_adapters_and_domains(list(ctx.args))
     adapters = [str(a) for a in adapter or []] + more_adapters
-    if json_out is not None:
-        check_output_free(json_out, force, kind="file")
+    if json_out is not None:  # refused before any work when it is, or lies inside, an input
+        inputs = [p for p in [*adapters, *(data or []), *more_domains, model] if Path(p).exists()]
+        check_output_free(json_out, force, kind="file", inputs=inputs)
     request = EvalRequest(
         domains=list(data or []) + more_domains, model=model, adapters=adapters, method=method,
         weights=parse_weights(weights, len(adapters)) if adapters else (None if weights is None else []),

@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from lorablocks.cli import raise_on_interrupt
 from lorablocks.cli.app import app, console
 from lorablocks.cli.options import (AllowBaseOpt, DensityOpt, MajorityOpt, MethodOpt, SpaceOpt, WeightsOpt,
                                     method_params, parse_weights)
@@ -127,8 +128,16 @@ def serve_cmd(
                              admin_key=admin_key, allowed_hosts=tuple(allowed_host or ()),
                              max_body_bytes=max_body_bytes, max_tokens_limit=max_tokens_limit,
                              active=parse_active(active), workers=workers, queue=queue, cache_dir=str(cache_dir) if cache_dir else None)
+    serving = []
+
+    def announce(line: str) -> None:
+        serving.append(line)
+        raise_on_interrupt()  # from the first line on, Ctrl-C is how the server is stopped (exit 0)
+        console.print(line, highlight=False, soft_wrap=True)
+
     try:
-        serve(settings, announce=lambda line: console.print(line, highlight=False, soft_wrap=True))
+        serve(settings, announce=announce)
     except KeyboardInterrupt:
-        pass
+        if not serving:  # interrupted while loading: 130 and one line, like every verb
+            raise
     console.print("stopped", highlight=False)

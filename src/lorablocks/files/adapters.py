@@ -7,7 +7,8 @@ into its ``A`` factor. Writing stores every module with ``lora_alpha == r`` (sca
 ``PeftModel.from_pretrained`` reproduces the delta exactly.
 
 What a sum of deltas cannot represent exactly is refused: DoRA, LoRA biases, extra trained modules
-(``modules_to_save``), embedding LoRA, and pickled ``.bin`` weights (unsafe to load).
+(``modules_to_save``), embedding LoRA, and pickled ``.bin`` weights (unsafe to load). Factors stored as
+float64/32/16 or bfloat16 are read as they are, float8 ones upcast exactly; any other dtype is refused.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from safetensors import safe_open
 
 from lorablocks.core.algebra import Delta, LowRank, check_finite, from_peft_factors, lora_scale
 from lorablocks.errors import AdapterFormatError, NonFiniteError, UnsupportedAdapterError
-from lorablocks.files.outputs import one_line, sha256_file
+from lorablocks.files.outputs import note_input, one_line, sha256_file
 
 __all__ = ["Adapter", "AdapterFile", "open_adapter", "load_adapter", "CONFIG_NAME", "WEIGHTS_NAME", "RECORD_NAME"]
 
@@ -224,13 +225,27 @@ class _Scaling:
         return r, alpha, lora_scale(r, alpha, self.use_rslora)
 
 
+#: safetensors dtypes read as stored, and those upcast exactly to float32 when read (every float8 value is a float32).
+_READ_AS_IS = frozenset({"F64", "F32", "F16", "BF16"})
+_UPCAST = frozenset({"F8_E4M3", "F8_E5M2"})
+
+
 def _read_header(weights: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape, from the safetensors header (no data read)."""
+    """Tensor name -> shape, from the safetensors header (no data read); refuses dtypes lorablocks cannot
+    read exactly (integers, booleans, exotic float formats)."""
     try:
         with safe_open(str(weights), framework="pt") as fh:
-            return {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}
+            slices = {key: fh.get_slice(key) for key in fh.keys()}
+            header = {key: tuple(sl.get_shape()) for key, sl in slices.items()}
+            dtypes = {key: str(sl.get_dtype()) for key, sl in slices.items()}
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError) as exc:
         raise AdapterFormatError(f"{weights} is corrupt or truncated ({one_line(exc)})") from None
+    for key, dtype in sorted(dtypes.items()):
+        if dtype not in _READ_AS_IS | _UPCAST:
+            raise UnsupportedAdapterError(
+                f"{weights}: tensor {key} is stored as {dtype}; lorablocks reads F64, F32, F16, BF16 and "
+                f"F8_E4M3/F8_E5M2 (upcast exactly) factors")
+    return header
 
 
 def _factor_keys(header: Mapping[str, tuple[int, ...]], path: Path) -> dict[str, dict[str, str]]:
@@ -252,6 +267,11 @@ def _factor_keys(header: Mapping[str, tuple[int, ...]], path: Path) -> dict[str,
     if not keys:
         raise AdapterFormatError(f"{path / WEIGHTS_NAME} holds no LoRA factors")
     return keys
+
+
+def _readable(t: torch.Tensor) -> torch.Tensor:
+    """A factor in a dtype torch computes with: float8 upcast to float32 (exact), others as they are."""
+    return t.float() if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t
 
 
 class AdapterFile(_Described):
@@ -298,6 +318,7 @@ class AdapterFile(_Described):
             self.sha256 = sha256_file(weights)
         except OSError as exc:
             raise AdapterFormatError(_unreadable(weights, exc)) from None
+        note_input(path)  # an input of the running command: no output of it may replace it or lie inside it
 
     @property
     def modules(self) -> list[str]:
@@ -316,7 +337,7 @@ class AdapterFile(_Described):
     def _read(self, fh: Any, module: str, dtype: torch.dtype) -> LowRank:
         key_a, key_b = self.keys[module]
         try:
-            a, b = fh.get_tensor(key_a), fh.get_tensor(key_b)
+            a, b = (_readable(fh.get_tensor(k)) for k in (key_a, key_b))
         except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
             raise AdapterFormatError(f"{self.weights}: cannot read module {module} ({one_line(exc)})") from None
         r, alpha, s = self.module_scales[module]

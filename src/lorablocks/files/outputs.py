@@ -6,7 +6,9 @@ never replaces anything (Linux ``renameat2(RENAME_NOREPLACE)``, else a lock file
 that appeared during the run is left untouched and the new one discarded. With ``force`` only what
 :func:`check_replaceable` allows is replaced: a previous lorablocks output of the same kind, or an ordinary
 file for a file output; never the current folder or one above it, a folder that holds an input, a folder
-where a file is written, or a folder lorablocks did not make. The replacement is an atomic exchange
+where a file is written, or a folder lorablocks did not make. No output is ever an input of the command,
+holds one or lies inside an input folder: the inputs a call passes, and every file or folder the running
+command has read (readers call :func:`note_input`; the CLI records per command with :func:`reading_inputs`). The replacement is an atomic exchange
 (``RENAME_EXCHANGE``), so there is no moment without an output. Outputs get the umask's permissions;
 temporary outputs left by a killed run are swept by the next run to the same output.
 """
@@ -27,14 +29,22 @@ from pathlib import Path
 from typing import Any
 
 from lorablocks.errors import LoraBlocksError, OutputExistsError, one_line
-from lorablocks.files.records import (RECORD_NAME, STUDY_MARKER, TRAIN_RECORD_NAME, output_kind, refusal,
-                                      sha256_file, sha256_path, utc_now, versions)
+from lorablocks.files.records import (RECORD_NAME, STUDY_MARKER, TRAIN_RECORD_NAME, input_refusal, note_input,
+                                      output_kind, reading_inputs, refusal, sha256_file, sha256_path, utc_now,
+                                      versions)
 
 __all__ = [
     "atomic_dir",
     "atomic_file",
+    "check_not_input",
+    "interrupt_noted",
+    "note_interrupt",
+    "writing",
     "check_output_free",
     "check_replaceable",
+    "input_refusal",
+    "note_input",
+    "reading_inputs",
     "output_kind",
     "one_line",
     "OutputRefusedError",
@@ -94,7 +104,57 @@ def check_replaceable(path: str | os.PathLike, kind: str | None = None, inputs: 
 def _refused(path: Path, reason: str, force: bool) -> OutputRefusedError:
     if force:
         return OutputRefusedError(f"{path} {reason}; lorablocks replaces only its own previous outputs", path)
-    return OutputRefusedError(f"{path} exists and {reason}; choose another output path", path)
+    exists = "exists and " if os.path.lexists(path) else ""
+    return OutputRefusedError(f"{path} {exists}{reason}; choose another output path", path)
+
+
+# --- interrupts -------------------------------------------------------------------------------------------
+
+#: Atomic writers open in this process, and whether Ctrl-C was pressed (see :func:`note_interrupt`).
+_WRITING = 0
+_INTERRUPTED = False
+
+
+def note_interrupt() -> None:
+    """Record that the user interrupted the process (the CLI's SIGINT handler calls this): from now on no
+    output is moved into place, even if the KeyboardInterrupt was swallowed by some library on its way up."""
+    global _INTERRUPTED
+    _INTERRUPTED = True
+
+
+def interrupt_noted() -> bool:
+    """Whether :func:`note_interrupt` was called."""
+    return _INTERRUPTED
+
+
+def writing() -> bool:
+    """Whether an atomic output is being written now (an interrupt must then unwind, to remove it)."""
+    return _WRITING > 0
+
+
+@contextlib.contextmanager
+def _writing() -> Iterator[None]:
+    global _WRITING
+    _WRITING += 1
+    try:
+        yield
+    finally:
+        _WRITING -= 1
+
+
+def _refuse_if_interrupted() -> None:
+    if _INTERRUPTED:
+        raise KeyboardInterrupt
+
+
+def check_not_input(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """Refuse (:class:`OutputRefusedError`) an output folder or file at ``path`` that is, holds or lies
+    inside one of ``inputs`` or an input the running command has read; for outputs written piecemeal inside
+    ``path`` later (a study), so that the refusal comes before the work. Return it as a Path."""
+    reason = input_refusal(path, inputs)
+    if reason is not None:
+        raise OutputRefusedError(f"{path} {reason}; an output never replaces or lies inside an input", path)
+    return Path(path)
 
 
 def check_output_free(path: str | os.PathLike, force: bool = False, *, kind: str | None = None,
@@ -201,8 +261,10 @@ def _sync_tree(root: Path) -> None:
 
 
 def _finish(tmp: Path, final: Path, force: bool, kind: str | None, inputs: list, strict: bool) -> None:
-    """Move the finished ``tmp`` into place (see the module docstring); on refusal remove ``tmp``."""
+    """Move the finished ``tmp`` into place (see the module docstring); on refusal or after an interrupt
+    remove ``tmp``."""
     try:
+        _refuse_if_interrupted()
         if force:
             reason = refusal(final, kind, inputs, strict)
             if reason is not None:
@@ -323,7 +385,11 @@ def atomic_dir(path: str | os.PathLike, force: bool = False, *, kind: str | None
     that kind is replaced. Without ``kind``, ``force`` may replace any folder lorablocks owns (a cache).
     ``inputs`` are paths the output must never replace or contain.
     """
-    final, inputs = Path(path), list(inputs)
+    with _writing():
+        yield from _atomic_dir(Path(path), force, kind, list(inputs))
+
+
+def _atomic_dir(final: Path, force: bool, kind: str | None, inputs: list) -> Iterator[Path]:
     strict = kind is not None
     _start(final, force, kind or "folder", inputs, strict)
     try:
@@ -348,7 +414,11 @@ def atomic_file(path: str | os.PathLike, force: bool = False, mode: str = "w", *
                 inputs: Iterable[str | os.PathLike] = ()) -> Iterator[Any]:
     """Open a temporary file beside ``path`` for writing; move it into place when the block succeeds.
     With ``force`` an existing file is replaced, never a folder."""
-    final, inputs = Path(path), list(inputs)
+    with _writing():
+        yield from _atomic_file(Path(path), force, mode, list(inputs))
+
+
+def _atomic_file(final: Path, force: bool, mode: str, inputs: list) -> Iterator[Any]:
     _start(final, force, "file", inputs, True)
     try:
         fd, name = tempfile.mkstemp(prefix=f".{_stem(final)}.tmp-{os.getpid()}-", dir=final.parent)

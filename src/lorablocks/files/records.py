@@ -7,20 +7,21 @@ given kind may replace what is at a path (see :mod:`lorablocks.files.outputs`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from lorablocks.errors import LoraBlocksError
 
-__all__ = ["RECORD_NAME", "TRAIN_RECORD_NAME", "STUDY_MARKER", "output_kind", "refusal", "sha256_file",
-           "sha256_path", "versions", "utc_now"]
+__all__ = ["RECORD_NAME", "TRAIN_RECORD_NAME", "STUDY_MARKER", "note_input", "reading_inputs", "output_kind",
+           "refusal", "input_refusal", "sha256_file", "sha256_path", "versions", "utc_now"]
 
 #: The record lorablocks writes into every adapter and merged-model folder it makes.
 RECORD_NAME = "lorablocks.json"
@@ -32,6 +33,31 @@ STUDY_MARKER = "study.json"
 _FAMILY = {"train": "adapter"}
 #: Output kinds lorablocks writes without sub-folders: one that has some holds something else (its inputs).
 _FLAT = ("adapter", "merged-model")
+
+
+# --- the inputs of the running command ---------------------------------------------------------------------
+
+#: The real paths the running command has read (None: no command is running, nothing is recorded).
+_READ: set[str] | None = None
+
+
+def note_input(path: str | os.PathLike) -> None:
+    """Record that the running command reads ``path`` (an adapter, data file or folder, model folder,
+    config): no output of the command may be it, hold it or lie inside it. Every reader of user files calls
+    this, so the rule holds for every verb whatever inputs a verb passes itself."""
+    if _READ is not None:
+        _READ.add(os.path.realpath(path))
+
+
+@contextlib.contextmanager
+def reading_inputs() -> Iterator[None]:
+    """Record the inputs read inside the block (one command: the CLI wraps each run in it)."""
+    global _READ
+    outer, _READ = _READ, set()
+    try:
+        yield
+    finally:
+        _READ = outer
 
 
 # --- what may be replaced ---------------------------------------------------------------------------------
@@ -96,11 +122,9 @@ def refusal(path: Path, kind: str | None, inputs: Iterable[str | os.PathLike], s
         cwd = ""
     if cwd and _within(cwd, entry):
         return "is the current folder or a folder above it"
-    for item in inputs:
-        if os.path.realpath(item) == str(entry):
-            return f"is the input {item}"
-        if _within(os.path.realpath(item), entry):
-            return f"holds the input {item}"
+    reason = _input_reason(entry, inputs)
+    if reason is not None:
+        return reason
     try:
         mode = os.lstat(entry).st_mode
     except FileNotFoundError:
@@ -124,6 +148,26 @@ def refusal(path: Path, kind: str | None, inputs: Iterable[str | os.PathLike], s
     if strict and found in _FLAT and _has_subfolder(entry):
         return f"holds folders, which no lorablocks {found} output has"
     return None
+
+
+def _input_reason(entry: Path, inputs: Iterable[str | os.PathLike]) -> str | None:
+    """Why an output at ``entry`` would replace an input: it is one, holds one, or lies inside one (the
+    given ``inputs`` and every input the running command has read)."""
+    for item in [*inputs, *sorted(_READ or ())]:
+        real = os.path.realpath(item)
+        if real == str(entry):
+            return f"is the input {item}"
+        if _within(real, entry):
+            return f"holds the input {item}"
+        if _within(str(entry), Path(real)) and os.path.isdir(real):
+            return f"is inside the input {item}"
+    return None
+
+
+def input_refusal(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> str | None:
+    """Why an output at ``path`` (or anything written inside it) would replace an input, or None."""
+    entry = _entry(Path(path))
+    return "is the root folder" if entry is None else _input_reason(entry, inputs)
 
 
 def _has_subfolder(folder: Path) -> bool:

@@ -21,7 +21,7 @@ import torch
 from lorablocks.core.algebra import LowRank, check_finite
 from lorablocks.errors import UnsupportedAdapterError
 from lorablocks.files.adapters import CONFIG_NAME, RECORD_NAME, WEIGHTS_NAME
-from lorablocks.files.outputs import atomic_dir, utc_now, versions
+from lorablocks.files.outputs import atomic_dir, interrupt_noted, utc_now, versions
 
 __all__ = ["AdapterWriter", "save_adapter"]
 
@@ -87,6 +87,8 @@ class AdapterWriter:
 
     def add(self, name: str, x: LowRank) -> None:
         """Append one module (a zero-rank module is left out: it contributes nothing)."""
+        if interrupt_noted():  # Ctrl-C was pressed and the KeyboardInterrupt swallowed: stop here
+            raise KeyboardInterrupt
         if x.rank == 0:
             return
         check_finite({name: x}, label="result")

@@ -2,7 +2,9 @@
 
 ``nn.Linear`` stores its weight as ``(out, in)``: add ``dW``. GPT-2's ``Conv1D`` stores ``(in, out)``
 (PEFT's ``fan_in_fan_out``): add ``dW.T``. The dense delta is formed one module at a time in float32
-(or the weight's dtype if wider) and checked for NaN before it touches the weight.
+(or the weight's dtype if wider) and checked for NaN before it touches the weight. :func:`target_weight` is the
+one place an adapter's module is checked against a model: it must be a Linear or Conv1D whose weight is not
+tied to the input embedding (a LoRA on a tied ``lm_head`` is refused, like embedding LoRA).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import torch
 from torch import nn
 
 from lorablocks.core.algebra import LowRank
-from lorablocks.errors import LoraBlocksError, ModelError, NonFiniteError, ShapeMismatchError, one_line
+from lorablocks.errors import (LoraBlocksError, ModelError, NonFiniteError, ShapeMismatchError, UnsupportedAdapterError,
+                               one_line)
 from lorablocks.files.outputs import atomic_dir, utc_now, versions
 
 __all__ = ["apply_delta", "merged", "check_delta_fits", "target_weight", "merged_weight", "write_merged_model"]
@@ -35,11 +38,25 @@ def target_weight(model: nn.Module, name: str) -> tuple[nn.Parameter, bool]:
         module = model.get_submodule(name)
     except AttributeError:
         raise ShapeMismatchError(f"the model has no module {name}: the adapter was made for another model")
-    if isinstance(module, nn.Linear):
-        return module.weight, False
-    if _is_conv1d(module):
-        return module.weight, True
-    raise ShapeMismatchError(f"module {name} is a {type(module).__name__}; only Linear and Conv1D can be merged")
+    if not isinstance(module, nn.Linear) and not _is_conv1d(module):
+        raise ShapeMismatchError(f"module {name} is a {type(module).__name__}; only Linear and Conv1D can be merged")
+    if _tied_to_embedding(model, module.weight):
+        raise UnsupportedAdapterError(
+            f"module {name} shares its weight with the input embedding (tied embeddings): merging a LoRA on it "
+            "would change the embedding too, unlike the unmerged adapter; like embedding LoRA, it is not supported")
+    return module.weight, _is_conv1d(module)
+
+
+def _tied_to_embedding(model: nn.Module, weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is (a view of) the model's input embedding matrix (``lm_head`` of a tied model)."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        embedding = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return False
+    other = getattr(embedding, "weight", None)
+    return isinstance(other, torch.Tensor) and (other is weight or (
+        other.device == weight.device and other.numel() > 0 and other.data_ptr() == weight.data_ptr()))
 
 
 def check_delta_fits(model: nn.Module, delta: Mapping[str, LowRank], label: str = "adapter") -> None:
@@ -101,7 +118,7 @@ def write_merged_model(model_dir: str | os.PathLike, delta: Mapping[str, LowRank
     folder with ``record`` as its ``lorablocks.json``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lorablocks.model.models import BUILTIN_MODELS, resolve_model
+    from lorablocks.model.models import BUILTIN_MODELS, check_model_folder, resolve_model
 
     if str(model_dir) in BUILTIN_MODELS:
         model_dir = resolve_model(str(model_dir))  # the converted built-in model's folder
@@ -109,8 +126,10 @@ def write_merged_model(model_dir: str | os.PathLike, delta: Mapping[str, LowRank
     if not (model_dir / "config.json").is_file():
         raise ModelError(f"{model_dir} is not a model folder (no config.json); give a local model folder "
                          f"or a built-in model name ({', '.join(BUILTIN_MODELS)})", setting="merge_into")
+    check_model_folder(model_dir, setting="merge_into")  # safetensors weights only: never unpickled
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", local_files_only=True,
+                                                     use_safetensors=True)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load the model in {model_dir}: {one_line(exc)}") from None
     apply_delta(model, delta)

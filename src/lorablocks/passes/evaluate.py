@@ -127,7 +127,8 @@ def prepare_eval_set(
 ) -> EvalSet:
     """Load and tokenize each domain's ``split`` once (``domains`` may also map names to Example lists)."""
     if batch_tokens < max_length:
-        raise DataError(f"eval batch tokens ({batch_tokens}) must be at least the max length ({max_length})")
+        raise DataError(f"batch_tokens ({batch_tokens}) must be at least max_length ({max_length}): a batch holds "
+                        "at least one example", setting="batch_tokens")
     sets: dict[str, TokenizedSet] = {}
     prints: dict[str, str] = {}
     if isinstance(domains, Mapping):

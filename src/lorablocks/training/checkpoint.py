@@ -6,12 +6,19 @@ groups and scalar state, the scheduler's state) and ``rng-<process>.safetensors`
 the Python RNG state as JSON metadata). A ``step-*`` folder without ``state.json`` is not a checkpoint:
 pickled files (``state.pt`` of earlier versions, or planted ones) are never read. Each checkpoint is
 written atomically, and older ones are removed once it is in place.
+
+A checkpoint folder lorablocks creates carries ``lorablocks-checkpoints.json``. Before any work a run refuses
+(:func:`check_checkpoint_folder`) a checkpoint folder that holds anything but checkpoints (a user's folder),
+and at the end it removes only the files it writes (:func:`remove_checkpoints`): the folder itself only
+when lorablocks made it and nothing else is left in it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,9 +28,86 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lorablocks.errors import ConfigError
-from lorablocks.files.outputs import atomic_dir
+from lorablocks.files.outputs import atomic_dir, utc_now
 
-__all__ = ["latest_checkpoint", "save_checkpoint", "load_checkpoint"]
+__all__ = ["CHECKPOINTS_MARKER", "check_checkpoint_folder", "latest_checkpoint", "save_checkpoint", "load_checkpoint",
+           "remove_checkpoints"]
+
+#: The marker lorablocks writes into every checkpoint folder it creates.
+CHECKPOINTS_MARKER = "lorablocks-checkpoints.json"
+_STEP = re.compile(r"step-\d{7}")
+#: What a run leaves in a checkpoint folder while it writes one (see :func:`save_checkpoint`, ``atomic_dir``).
+_IN_PROGRESS = re.compile(r"\.step-\d{7}\.(?:(?:tmp|old)-\d+-\w+|lock)|\.rng-\d{7}-\d+\.safetensors")
+#: The files of one checkpoint.
+_FILES = re.compile(r"lora\.safetensors|optimizer\.safetensors|state\.json|rng-\d+\.safetensors")
+
+
+def _refuse(folder: Path, why: str) -> ConfigError:
+    return ConfigError(f"checkpoint folder {folder} {why}; lorablocks uses only a new folder or one it made "
+                       "for checkpoints, and removes only its own checkpoints", setting="checkpoint_dir")
+
+
+def check_checkpoint_folder(folder: Path) -> None:
+    """Refuse (:class:`ConfigError`) a checkpoint folder lorablocks did not make or that holds anything but
+    checkpoints, so that removing the checkpoints at the end can never touch anything else. A missing or
+    empty folder is fine; without the marker (folders of earlier versions) every entry must be a checkpoint."""
+    if not os.path.lexists(folder):
+        return
+    if folder.is_symlink() or not folder.is_dir():
+        raise _refuse(folder, "is not a folder" if not folder.is_symlink() else "is a symbolic link")
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as exc:
+        raise _refuse(folder, f"cannot be read ({exc.strerror})") from None
+    marked = any(e.name == CHECKPOINTS_MARKER and e.is_file(follow_symlinks=False) for e in entries)
+    for e in sorted(entries, key=lambda e: e.name):
+        if (e.name == CHECKPOINTS_MARKER and marked) or _IN_PROGRESS.fullmatch(e.name):
+            continue
+        is_step = _STEP.fullmatch(e.name) is not None and e.is_dir(follow_symlinks=False)
+        if not is_step:
+            raise _refuse(folder, f"holds {e.name}, which is not a lorablocks checkpoint")
+        if not marked and not (Path(e.path) / "state.json").is_file():
+            raise _refuse(folder, f"was not made by lorablocks (no {CHECKPOINTS_MARKER}, and {e.name} is not a checkpoint)")
+
+
+def _make_folder(folder: Path) -> None:
+    """Create the checkpoint folder with its marker, unless it exists (checked by :func:`check_checkpoint_folder`)."""
+    try:
+        folder.mkdir(parents=True)
+    except FileExistsError:
+        return
+    (folder / CHECKPOINTS_MARKER).write_text(json.dumps({"tool": "lorablocks", "kind": "checkpoints",
+                                                         "created": utc_now()}) + "\n")
+
+
+def _remove_checkpoint(step: Path) -> None:
+    """Remove one checkpoint's own files, then its folder if that left it empty (a planted file stays)."""
+    if step.is_symlink() or not step.is_dir():
+        return
+    for f in step.iterdir():
+        if _FILES.fullmatch(f.name) and not f.is_symlink() and f.is_file():
+            f.unlink(missing_ok=True)
+    try:
+        step.rmdir()
+    except OSError:
+        pass
+
+
+def remove_checkpoints(folder: Path) -> None:
+    """Remove the checkpoints in ``folder`` (their own files only), its marker, and the folder itself when
+    lorablocks made it (it had the marker) and nothing else is left in it."""
+    if folder.is_symlink() or not folder.is_dir():
+        return
+    for step in folder.iterdir():
+        if _STEP.fullmatch(step.name):
+            _remove_checkpoint(step)
+    marker = folder / CHECKPOINTS_MARKER
+    if marker.is_file() and not marker.is_symlink():
+        marker.unlink()
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
 
 
 def latest_checkpoint(folder: Path) -> tuple[Path | None, list[Path]]:
@@ -90,7 +174,7 @@ def save_checkpoint(folder: Path, step: int, model: torch.nn.Module, optimizer: 
     acc = accelerator
     target = folder / f"step-{step:07d}"
     if acc.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
+        _make_folder(folder)
     acc.wait_for_everyone()
     _save_rng(folder / f".rng-{step:07d}-{acc.process_index}.safetensors")
     acc.wait_for_everyone()
@@ -105,8 +189,8 @@ def save_checkpoint(folder: Path, step: int, model: torch.nn.Module, optimizer: 
             for r in range(acc.num_processes):
                 shutil.move(str(folder / f".rng-{step:07d}-{r}.safetensors"), tmp / f"rng-{r}.safetensors")
         for old in folder.glob("step-*"):
-            if old != target and old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
+            if old != target and _STEP.fullmatch(old.name):
+                _remove_checkpoint(old)
     acc.wait_for_everyone()
 
 

@@ -156,18 +156,53 @@ def _missing(data: Any, out: Any) -> list[str]:
     return (["data must name at least one domain"] if not data else []) + (["out must name an output folder"] if not out else [])
 
 
-def read_mapping(path: str | os.PathLike) -> dict[str, Any]:
-    """The mapping of settings in a YAML (or JSON) file; :class:`ConfigError` if it is missing or not one."""
+#: The largest config file read (a config is a few hundred bytes; this bounds what parsing one may cost).
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _yaml_loader() -> type:
+    """PyYAML's safe loader refusing aliases (``*name``): a config never needs them, and a few nested ones
+    expand into gigabytes (an alias bomb) before anything could check the result."""
     import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(None, None, f"aliases (*name) are not allowed in a config "
+                                                  f"(line {mark.line + 1})", mark)
+            return super().compose_node(parent, index)
+
+    return NoAliasLoader
+
+
+def read_mapping(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping of settings in a YAML (or JSON) file, UTF-8, at most :data:`MAX_CONFIG_BYTES`, without
+    aliases; :class:`ConfigError` naming the file if it is missing, unreadable or not one."""
+    import yaml
+
+    from lorablocks.files.outputs import note_input
 
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
     try:
-        loaded = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        first = (str(exc).strip().splitlines() or ["parse error"])[0]
+        with open(p, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"config file {p} cannot be read ({exc.strerror})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {p} is over {MAX_CONFIG_BYTES >> 20} MiB; a config is a short YAML/JSON file")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {p} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        loaded = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+    except (yaml.YAMLError, RecursionError) as exc:
+        first = (str(exc).strip().splitlines() or ["parse error"])[0] if isinstance(exc, yaml.YAMLError) else "nested too deeply"
         raise ConfigError(f"config file {p} is not valid YAML/JSON: {first}") from None
+    note_input(p)  # an input of the running command: no output of it may replace it
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):

@@ -32,7 +32,6 @@ import dataclasses
 import json
 import logging
 import random
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,9 +41,9 @@ from typing import Any
 import torch
 
 from lorablocks.errors import ConfigError
-from lorablocks.files.outputs import atomic_dir, check_output_free, utc_now, versions
+from lorablocks.files.outputs import atomic_dir, check_output_free, input_refusal, utc_now, versions
 from lorablocks.model.models import default_targets, load_model, model_id
-from lorablocks.training.checkpoint import latest_checkpoint
+from lorablocks.training.checkpoint import check_checkpoint_folder, latest_checkpoint, remove_checkpoints
 from lorablocks.training.checkpoint import load_checkpoint as _load_checkpoint
 from lorablocks.training.checkpoint import save_checkpoint as _save_checkpoint  # a module global: tests interrupt it
 from lorablocks.training.config import RUN_ONLY, TrainConfig, load_config
@@ -388,6 +387,16 @@ def _inputs(config: TrainConfig) -> list[str]:
     return [d for d in [*config.data, config.model] if Path(d).exists()]
 
 
+def _check_checkpoint_dir(config: TrainConfig) -> None:
+    """Refuse a checkpoint folder that is not lorablocks' own, or that is, holds or lies inside the output
+    or an input (before any work)."""
+    folder = config.checkpoint_path
+    check_checkpoint_folder(folder)
+    reason = input_refusal(folder, [config.out, *_inputs(config)])
+    if reason is not None:
+        raise ConfigError(f"checkpoint folder {folder} {reason}; choose another one", setting="checkpoint_dir")
+
+
 def _write_output(config: TrainConfig, lora: LoraRun, record: dict[str, Any], data: TrainData | None = None) -> None:
     """The adapter and its record into ``config.out`` (atomically, main process); drop the checkpoints."""
     if lora.accelerator.is_main_process:
@@ -398,8 +407,8 @@ def _write_output(config: TrainConfig, lora: LoraRun, record: dict[str, Any], da
                     lora.peft_model, data.train, data.domains, data.pad, tmp, config.statistics_tokens,
                     config.max_length, model_id(config.model))
             (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2, default=str) + "\n")
-        if config.checkpoint_path.is_dir() and not config.keep_checkpoints:
-            shutil.rmtree(config.checkpoint_path, ignore_errors=True)
+        if not config.keep_checkpoints:
+            remove_checkpoints(config.checkpoint_path)  # only the checkpoints this training wrote
     lora.accelerator.wait_for_everyone()
 
 
@@ -415,6 +424,7 @@ def train_adapter(config: TrainConfig, *, model: Any = None, tokenizer: Any = No
     config.require_complete()
     out = Path(config.out)
     check_output_free(out, config.force, kind="adapter", inputs=_inputs(config))  # before any work
+    _check_checkpoint_dir(config)
     checkpoint, skipped = latest_checkpoint(config.checkpoint_path) if config.resume else (None, [])
     for path in skipped:
         log.warning(f"ignoring {path}: not a lorablocks checkpoint (safetensors + JSON); pickled files are never loaded")

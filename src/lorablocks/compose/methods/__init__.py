@@ -12,6 +12,7 @@ Each method declares its parameters as a pydantic model (unknown parameters are 
 from __future__ import annotations
 
 import importlib
+import math
 import pkgutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -125,6 +126,9 @@ def get_method(name: str) -> Method:
 
 def validate_params(method: Method, params: dict[str, Any]) -> MethodParams:
     """``params`` checked against the method's parameter model; every problem in one error."""
+    bad = [k for k, v in params.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:  # the bounds checks would blame the bound ("less than or equal to 1") for a NaN
+        raise CompositionError("; ".join(f"{k}: must be a finite number, got {params[k]}" for k in bad), setting=bad[0])
     try:
         return method.params.model_validate(params)
     except ValidationError as exc:
