@@ -13,6 +13,9 @@
 * a local folder holding a transformers model (used as is);
 * a hub id such as ``gpt2``: the local hub cache is tried first, then the network.
 
+Model weights are read from safetensors files only: a folder (or hub model) whose weights are pickled
+(``pytorch_model.bin``, ``*.pt``, ``*.ckpt``) is refused, since unpickling can run arbitrary code.
+
 Target modules follow the paper: GPT-2 ``c_attn,c_proj`` (attention qkv, attention output, MLP output);
 the Llama and Gemma families ``q_proj,k_proj,v_proj,o_proj,down_proj`` (the same roles).
 """
@@ -29,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from lorablocks.errors import ModelError, one_line
-from lorablocks.files.outputs import atomic_dir
+from lorablocks.files.outputs import atomic_dir, note_input
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -40,6 +43,7 @@ __all__ = [
     "builtin_path",
     "prepare_model",
     "resolve_model",
+    "check_model_folder",
     "load_model",
     "default_targets",
     "model_id",
@@ -229,15 +233,34 @@ def resolve_model(spec: str, cache_dir: str | os.PathLike | None = None) -> Path
     gives that folder; anything else is returned as a hub id (loading decides whether it exists).
     """
     if spec in BUILTIN_MODELS:
-        return prepare_model(spec, cache_dir)
+        return check_model_folder(prepare_model(spec, cache_dir))
     path = Path(spec).expanduser()
     if path.exists():
-        if not path.is_dir() or not (path / "config.json").is_file():
-            raise ModelError(f"{spec} is not a model folder (it has no config.json)")
-        return path
+        return check_model_folder(path)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.strip() == "":
         raise ModelError(f"model folder {spec} does not exist; {_OFFLINE_HINT}")
     return spec
+
+
+#: Weight files that are pickles (loading them can run code), and the safe format lorablocks reads instead.
+_PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def check_model_folder(path: str | os.PathLike, setting: str | None = None) -> Path:
+    """Refuse (:class:`ModelError`) a path that is not a local model folder (no ``config.json``) or whose
+    weights are not safetensors (pickled ``pytorch_model.bin`` and the like are never loaded); record it
+    as an input of the running command. Returns it as a Path."""
+    path = Path(path)
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise ModelError(f"{path} is not a model folder (it has no config.json)", setting=setting)
+    if not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for pattern in _PICKLED for p in path.glob(pattern))
+        what = f"stores its weights as pickled {pickled[0]}" if pickled else "holds no .safetensors weights"
+        raise ModelError(f"model folder {path} {what}; lorablocks loads safetensors weights only (pickled "
+                         "weights can run arbitrary code when loaded): convert them with a tool you trust",
+                         setting=setting)
+    note_input(path)  # an input of the running command: no output of it may replace it or lie inside it
+    return path
 
 
 def model_id(spec: str) -> str:
@@ -281,7 +304,8 @@ def _from_pretrained(source: str, local_only: bool, dtype: Any) -> tuple[Any, An
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only)
+    # never a pickled checkpoint, also for a hub id whose files were not checked beforehand
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only, use_safetensors=True)
     return model, tokenizer
 
 
