@@ -133,3 +133,18 @@ def test_statistics_of_another_model_or_width_are_refused(blocks, tmp_path, caps
     assert run_app(["combine", str(blocks["math"]), str(bad), "--method", "regmean", "--out", str(tmp_path / "o")]) == 2
     assert "input width" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_generate_composes_regmean_from_the_blocks_stored_statistics(blocks, tiny_model_dirs):
+    """What ``generate --method regmean`` runs on (serving's open_composed): the stored statistics travel
+    with each block's file, so the merged weights are the regmean composition, not the sum."""
+    from lorablocks.serving.blocks import open_composed
+
+    llama, ads = str(tiny_model_dirs["llama"]), [blocks["math"], blocks["words"]]
+    rm = open_composed(llama, ads, None, method="regmean")
+    sm = open_composed(llama, ads, None, method="sum")
+    base = open_composed(llama, [], None)
+    name = "model.layers.1.mlp.down_proj.weight"
+    w_rm, w_sm, w_0 = (dict(m.model.named_parameters())[name] for m in (rm, sm, base))
+    assert not torch.allclose(w_rm, w_sm, atol=1e-5) and not torch.allclose(w_rm, w_0, atol=1e-5)
+    assert rm.recipe.method == "regmean"

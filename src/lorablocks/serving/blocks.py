@@ -170,6 +170,7 @@ def open_composed(model: str, adapters: Sequence[str | os.PathLike] = (), weight
     The adapters and the recipe are checked before the (slow) model load.
     """
     from lorablocks.compose.operations import blocks_of, open_blocks
+    from lorablocks.compose.recipe import MemorySource
     from lorablocks.model.session import ComposedModel
 
     files = open_blocks(adapters, allow_base_mismatch=allow_base_mismatch) if adapters else []
@@ -178,5 +179,7 @@ def open_composed(model: str, adapters: Sequence[str | os.PathLike] = (), weight
     recipe = live_recipe(blocks_of(files, weights), method, params) if files else None
     composed = ComposedModel.load(model, cache_dir=cache_dir)
     if recipe is not None:
-        composed.apply_recipe(recipe, composed.load_blocks(files, allow_base_mismatch=allow_base_mismatch))
+        deltas = composed.load_blocks(files, allow_base_mismatch=allow_base_mismatch)
+        # each block's stored input statistics travel with it (regmean composes with them)
+        composed.apply_recipe(recipe, [MemorySource(d, statistics=f.statistics) for f, d in zip(files, deltas)])
     return composed

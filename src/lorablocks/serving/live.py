@@ -179,7 +179,7 @@ class LiveModel:
         check_blocks_fit([b.file for b in loaded])
         self.composed.check_base_model([(b.name, b.file.base_model) for b in loaded])
         recipe = live_recipe([b.block(w) for b, w in zip(loaded, weights)])
-        composition = compose(recipe, [MemorySource(b.delta) for b in loaded])
+        composition = compose(recipe, [MemorySource(b.delta, statistics=b.file.statistics) for b in loaded])
         check_delta_fits(self.composed.model, composition.delta, label="the composition")
         return composition.delta, recipe
 
