@@ -15,6 +15,7 @@ from lorablocks.training.data import (
     collate,
     format_answer,
     format_prompt,
+    leading_special_ids,
     read_jsonl,
     resolve_domain,
     resolve_domains,
@@ -161,6 +162,39 @@ def test_truncation_is_explicit_and_keeps_prompt_end(tok):
     assert b.n_answer >= 19 and b.input_ids[-1] != tok.eos_token_id
     with pytest.raises(DataError):
         tokenize_examples(tok, [c], max_length=1)
+
+
+def _bos_tokenizer():
+    """The tiny tokenizer with a ``<bos>`` that it puts before every text, as Gemma's and Llama's do."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.conftest import tiny_tokenizer
+
+    backend = tiny_tokenizer().backend_tokenizer
+    backend.add_special_tokens(["<bos>"])
+    bos = backend.token_to_id("<bos>")
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
+def test_examples_start_with_the_tokenizers_bos_which_survives_truncation(tok):
+    assert leading_special_ids(tok) == []  # GPT-2-like: nothing before a text, examples unchanged (test above)
+    btok = _bos_tokenizer()
+    bos = btok.bos_token_id
+    assert leading_special_ids(btok) == [bos] and btok("Hi")["input_ids"][0] == bos
+    ex = Example("1", "What is two plus three?", "The answer is five.")
+    e = tokenize_examples(btok, [ex], max_length=256).examples[0]
+    prompt = btok(format_prompt(ex), add_special_tokens=False)["input_ids"]
+    answer = btok(format_answer(ex), add_special_tokens=False)["input_ids"]
+    assert list(e.input_ids) == [bos] + prompt + answer + [btok.eos_token_id]
+    assert e.n_prompt == len(prompt) + 1 and e.n_answer == len(answer) + 1  # BOS is prompt: never counted
+    cut = tokenize_examples(btok, [Example("2", "What?", "short", context="word " * 200)], max_length=40).examples[0]
+    assert cut.truncated and len(cut) == 40 and cut.input_ids[0] == bos and list(cut.input_ids).count(bos) == 1
+    assert btok.decode(cut.input_ids[: cut.n_prompt]).endswith("Answer:")
+    with pytest.raises(DataError, match="at least 3 tokens"):
+        tokenize_examples(btok, [ex], max_length=2)
 
 
 # ------------------------------------------------------------------------------------------- batches

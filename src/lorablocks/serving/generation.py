@@ -95,15 +95,17 @@ def encode_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[i
 
 def encode_prompt(tokenizer: Any, prompt: str, mode: PromptMode = "auto") -> list[int]:
     """Token ids of ``prompt``: ``chat`` (one user message), ``raw``, ``qa`` (``Question: ...\\nAnswer:``,
-    tokenized like training: no special tokens) or ``auto`` (chat when the tokenizer has a template)."""
+    tokenized like training: only the tokens the tokenizer puts before a text, e.g. BOS) or ``auto`` (chat
+    when the tokenizer has a template)."""
     if mode == "auto":
         mode = "chat" if getattr(tokenizer, "chat_template", None) else "raw"
     if mode == "chat":
         return encode_chat(tokenizer, [{"role": "user", "content": prompt}])
     if mode == "qa":
-        from lorablocks.training.data import Example, format_prompt
+        from lorablocks.training.data import Example, format_prompt, leading_special_ids
 
-        return _encode(tokenizer, format_prompt(Example(id="prompt", question=prompt, answer="")), special=False)
+        text = format_prompt(Example(id="prompt", question=prompt, answer=""))
+        return leading_special_ids(tokenizer) + _encode(tokenizer, text, special=False)
     return _encode(tokenizer, prompt, special=True)
 
 

@@ -60,6 +60,7 @@ __all__ = [
     "format_prompt",
     "format_answer",
     "tokenize_examples",
+    "leading_special_ids",
     "collate",
     "bucket_by_tokens",
     "bucket_window",
@@ -272,10 +273,25 @@ def _truncate(prompt: list[int], answer: list[int], max_length: int) -> tuple[li
     return (prompt[len(prompt) - keep_p :] if keep_p > 0 else []), answer[:keep_a], True
 
 
+def leading_special_ids(tokenizer: Any) -> list[int]:
+    """The tokens the tokenizer itself puts before any text: Gemma's and Llama's BOS; none for GPT-2 or
+    SmolLM2. Gemma needs it: without ``<bos>`` Gemma 3 270M's math perplexity is 8.56 instead of 4.04."""
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    full = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start]
+    return []
+
+
 def tokenize_examples(tokenizer: Any, examples: Sequence[Example], max_length: int) -> TokenizedSet:
-    """Tokenize prompts and answers separately (no special tokens), append EOS, truncate to ``max_length``."""
-    if max_length < 2:
-        raise DataError(f"max length must be at least 2 tokens, got {max_length}")
+    """Tokenize prompts and answers separately, append EOS, truncate to ``max_length``.
+
+    The only special tokens are the EOS and those the tokenizer puts before a text
+    (:func:`leading_special_ids`, e.g. BOS), which start the prompt and survive truncation."""
+    lead = leading_special_ids(tokenizer)
+    if max_length < 2 + len(lead):
+        raise DataError(f"max length must be at least {2 + len(lead)} tokens, got {max_length}")
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no end-of-sequence token")
@@ -284,8 +300,9 @@ def tokenize_examples(tokenizer: Any, examples: Sequence[Example], max_length: i
     out: list[TokenizedExample] = []
     n_trunc = 0
     for p, a in zip(prompts, answers):
-        p2, a2, cut = _truncate(list(p), list(a) + [eos], max_length)
+        p2, a2, cut = _truncate(list(p), list(a) + [eos], max_length - len(lead))
         n_trunc += cut
+        p2 = lead + p2
         out.append(TokenizedExample(input_ids=tuple(p2 + a2), n_prompt=len(p2), truncated=cut))
     return TokenizedSet(examples=out, truncated=n_trunc, max_length=max_length)
 

@@ -23,7 +23,7 @@ __all__ = ["AnswerNLL", "answer_nll"]
 
 #: Model types whose logits are exactly ``lm_head(last_hidden_state)`` (no soft-capping or scaling),
 #: so the head can be applied to the counted positions only.
-_PLAIN_HEAD_TYPES = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3"}
+_PLAIN_HEAD_TYPES = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma3_text"}
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
