@@ -42,24 +42,25 @@ def export_cmd(
     if fmt == "gguf":
         result = export_adapter_gguf(adapter, out, model=spec, outtype=outtype or "f32", force=force)
         console.print(f"wrote llama.cpp LoRA adapter [bold]{out}[/bold] ({result.outtype}): {result.modules} modules, "
-                      f"adapter.lora.alpha {result.alpha:g}; fingerprint {result.fingerprint[:19]}", highlight=False)
-        console.print(f"use: llama-cli -m BASE.gguf --lora {out}   (or --lora-scaled {out} SCALE)", highlight=False)
+                      f"adapter.lora.alpha {result.alpha:g}; fingerprint {result.fingerprint[:19]}", highlight=False, soft_wrap=True)
+        console.print(f"use: llama-cli -m BASE.gguf --lora {out}   (or --lora-scaled {out} SCALE)", highlight=False, soft_wrap=True)
         return
     result = export_model_gguf(adapter, out, model=spec, outtype=outtype or "f16", base_gguf=base_gguf, force=force,
-                               log=lambda message: console.print(message, highlight=False))
+                               log=lambda message: console.print(message, highlight=False, soft_wrap=True))
     console.print(f"wrote merged model GGUF [bold]{out}[/bold] ({result.outtype}): {result.tensors} tensors, "
-                  f"{result.modules} modules changed; fingerprint {result.fingerprint[:19]}", highlight=False)
-    console.print(f"use: llama-cli -m {out}   or, for ollama, a Modelfile with: FROM {out.resolve()}", highlight=False)
+                  f"{result.modules} modules changed; fingerprint {result.fingerprint[:19]}", highlight=False, soft_wrap=True)
+    console.print(f"use: llama-cli -m {out}   or, for ollama, a Modelfile with: FROM {out.resolve()}", highlight=False, soft_wrap=True)
 
 
 def _export_vllm(adapter: Path, out: Path, max_lora_rank: int, force: bool) -> None:
     from lorablocks.files.export_vllm import export_vllm
 
     result = export_vllm(adapter, out, max_lora_rank=max_lora_rank, force=force)
-    how = f"{result.padded} padded with zeros (exact)"
+    parts = [f"{result.padded} zero-padded (exact)"] if result.padded else []
     if result.truncated:
-        how += (f", {result.truncated} truncated to rank {result.rank}: relative Frobenius error "
-                f"{result.rel_error:.3g} (worst module {result.max_rel_error:.3g})")
+        parts.append(f"{result.truncated} truncated to rank {result.rank}: relative Frobenius error "
+                     f"{result.rel_error:.3g} (worst module {result.max_rel_error:.3g})")
+    how = "; ".join(parts) or "exact"
     console.print(f"wrote vLLM adapter [bold]{out}[/bold]: {result.modules} modules at rank {result.rank} "
-                  f"({how}); fingerprint {result.fingerprint[:19]}", highlight=False)
+                  f"({how}); fingerprint {result.fingerprint[:19]}", highlight=False, soft_wrap=True)
     print(result.serve_command(Path(out).name))
