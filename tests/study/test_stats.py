@@ -1,4 +1,5 @@
-"""The study's uncertainty: bootstrap intervals with known answers, permutation p-values."""
+"""The study's uncertainty: bootstrap intervals with known answers, shared resamples, permutation p-values,
+rank statistics with k as a factor, Holm (hand-computed values)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from lorablocks.study.stats import compare_predictors, fit_with_uncertainty, paired_change
+from lorablocks.study.inference import (FitData, controlled_slope, domain_permutations, fit_family, holm,
+                                        partial_spearman, spearman)
+from lorablocks.study.resample import Resampler, bootstrap_p
+from lorablocks.study.stats import paired_change
 
 
 def test_identical_models_have_a_zero_change_and_a_zero_width_interval():
@@ -54,25 +58,70 @@ def test_groups_must_pair():
         paired_change([[(1.0, 1)]], [[(1.0, 1), (2.0, 1)]])
 
 
-def test_permutation_p_value_perfect_and_shuffled():
-    x = np.linspace(0, 1, 20)
-    perfect = fit_with_uncertainty(x, 3 * x + 1, resamples=2000)
-    assert perfect.pearson_r == pytest.approx(1.0) and perfect.slope.value == pytest.approx(3.0)
-    assert perfect.permutation_p == pytest.approx(1 / 2001)  # no permutation reaches |r| = 1
-    assert perfect.slope.low == pytest.approx(3.0) and perfect.slope.high == pytest.approx(3.0)
-    noise = np.random.default_rng(0).permutation(x)
-    shuffled = fit_with_uncertainty(x, noise, resamples=2000)
-    assert shuffled.permutation_p > 0.05 and shuffled.slope.low < 0 < shuffled.slope.high
+def test_models_on_one_domain_share_the_resampled_examples():
+    # two sums scored on the same examples: their resampled changes move together (correlated), and a
+    # change pooled over both equals the one computed from the summed rows
+    rng = np.random.default_rng(0)
+    tok = rng.integers(5, 30, 40).astype(float)
+    ref = np.stack([tok * rng.normal(2, 0.5, 40), tok], 1)[None]
+    hard = rng.normal(0, 0.3, 40)  # examples every model finds hard
+    a = ref.copy(); a[0, :, 0] += tok * (0.05 + hard)
+    b = ref.copy(); b[0, :, 0] += tok * (0.02 + hard)
+    rs = Resampler({"d": 40}, 1, 2000, seed=1)
+    ea, eb = rs.change({"d": a}, {"d": ref}, [0]), rs.change({"d": b}, {"d": ref}, [0])
+    assert np.corrcoef(ea.boot, eb.boot)[0, 1] > 0.9
+    pooled = rs.pooled([("d", a, ref), ("d", b, ref)], [0])
+    both = np.concatenate([a, b], axis=1), np.concatenate([ref, ref], axis=1)
+    assert pooled.value == pytest.approx(100 * math.expm1((both[0][0, :, 0].sum() - both[1][0, :, 0].sum())
+                                                          / both[0][0, :, 1].sum()))
+
+
+def test_spearman_and_partial_spearman_by_hand():
+    x = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    k = np.array([2, 2, 2, 3, 3, 3])
+    y = np.array([1.0, 3.0, 2.0, 10.0, 30.0, 20.0])
+    assert float(spearman(x, y)) == pytest.approx(1 - 6 * (0 + 1 + 1 + 0 + 1 + 1) / (6 * 35))
+    # within each k: ranks (1, 3, 2) against (1, 2, 3): demeaned (-1, 1, 0) . (-1, 0, 1) = 1 of 2 -> 0.5
+    assert float(partial_spearman(x, y, k)) == pytest.approx(0.5)
+    # k drives both y and x; within each k their orders are unrelated: pooled rho high, partial rho low
+    y2 = np.array([1.0, 2.0, 3.0, 11.0, 12.0, 13.0])
+    x2 = k + np.array([0.0, 0.2, 0.1, 0.1, 0.2, 0.0])  # ranks 1, 3, 2, 5, 6, 4
+    assert float(spearman(x2, y2)) == pytest.approx(1 - 6 * (0 + 1 + 1 + 1 + 1 + 4) / (6 * 35))
+    # within each k, demeaned ranks (-1, 1, 0) and (0, 1, -1) against y's (-1, 0, 1): 1 + (-1) = 0
+    assert float(partial_spearman(x2, y2, k)) == pytest.approx(0.0)
+    # y ~ x + factor(k): within-k slope exactly 2 although the groups' levels differ by 100
+    xs = np.array([0.0, 1, 2, 0, 1, 2])
+    assert float(controlled_slope(xs, 2 * xs + 100 * (k == 3), k)) == pytest.approx(2.0)
+
+
+def test_holm_by_hand():
+    # sorted 0.01 * 3 = 0.03, 0.03 * 2 = 0.06, 0.04 * 1 = 0.04 -> raised to 0.06 (step-down is monotone)
+    adj = holm([0.01, 0.04, 0.03, None])
+    assert adj[:3] == pytest.approx([0.03, 0.06, 0.06]) and adj[3] is None
+    assert holm([0.5, 0.001]) == pytest.approx([0.5, 0.002])
+
+
+def test_bootstrap_p():
+    assert bootstrap_p(np.array([1.0, 2.0, 3.0])) == pytest.approx(2 * 1 / 4)
+    assert bootstrap_p(np.linspace(-1, 1, 1001)) == pytest.approx(1.0)
+
+
+def test_domain_permutations_are_enumerated_and_the_p_value_is_exact():
+    perms, exact = domain_permutations(4)
+    assert exact and len(perms) == 24 and perms[0] == (0, 1, 2, 3) and len(set(perms)) == 24
+    # 4 points whose predictor relabels with the domains: only the identity and one other ordering reach |rho| = 1
+    x = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    xperm = np.array([[x[list(p)].tolist()[i] if i < 4 else x[i] for i in range(6)] for p in perms])
+    data = FitData(labels=[str(i) for i in range(6)], y=x * 2, yb=np.tile(x * 2, (50, 1)), k=np.full(6, 2),
+                   x={"w": x}, xb={"w": None}, xperm={"w": xperm}, exact=True, n_domains=4)
+    fit = next(f for f in fit_family(data, "fine") if f.scope == "k = 2")
+    assert fit.rho.value == pytest.approx(1.0) and fit.rho.low == fit.rho.high == pytest.approx(1.0)
+    assert fit.p == pytest.approx(1 / 24) and "exact: all 24 permutations" in fit.p_method
+    assert fit.p_adj == pytest.approx(1 / 24) and fit.k_controlled
 
 
 def test_too_few_points_give_no_fit():
-    assert fit_with_uncertainty([1.0, 2.0], [1.0, 2.0]).slope is None
-
-
-def test_compare_predictors_prefers_the_monotone_one():
-    rng = np.random.default_rng(0)
-    y = rng.normal(size=60)
-    good = y + rng.normal(scale=0.1, size=60)
-    bad = rng.normal(size=60)
-    iv = compare_predictors(good, bad, y, resamples=2000)
-    assert iv.value > 0.5 and iv.excludes_zero
+    data = FitData(labels=["a", "b", "c"], y=np.array([1.0, 2, 3]), yb=np.ones((5, 3)), k=np.full(3, 2),
+                   x={"w": np.array([1.0, 2, 3])}, xb={"w": None}, xperm={"w": np.ones((6, 3))}, exact=True, n_domains=3)
+    fit = fit_family(data, "paper")[0]
+    assert fit.rho is None and fit.p is None and "too few points" in fit.note

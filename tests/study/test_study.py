@@ -77,16 +77,24 @@ def test_report_has_every_section_and_files(full_run):
         ("math", "words"), ("math", "code"), ("words", "code"), ("math", "words", "code")]
     for s in res["subsets"]:
         assert s["ppl_merged"]["joint"] > 1 and s["ppl_sum"]["joint"] > 1
-        assert 0 < s["rms_cosine"] <= 1 and s["function_overlap"] > 0
+        assert 0 < s["predictors"]["weight_rms"] <= 1 and s["predictors"]["function_mean"] > 0
+        assert s["predictors"]["foreign_energy"] > 0  # the probe stores the pair energies
         joint = s["vs_merged"]["joint"]
         assert joint["low"] <= joint["value"] <= joint["high"] and joint["low"] < joint["high"]
+        assert joint["family"] and joint["p_adj"] >= joint["p"]  # Holm-adjusted within a named family
     # every change in the report carries its interval
     assert "% [" in report
-    fits = {(f["level"], f["predictor"]): f for f in res["fits"]}
-    assert len(fits[("paper", "rms_cosine")]["x"]) == 4
-    assert len(fits[("fine", "rms_cosine")]["x"]) == 2 * 3 + 3 and fits[("fine", "rms_cosine")]["stats"]["permutation_p"]
-    assert len(fits[("fine", "function_overlap")]["x"]) == 9
-    assert [d["blocks"] for d in res["degradation"]] == [1, 2, 3]
+    assert "on these trained blocks" in report  # one seed: the words say so
+    # one point per subset (paper) and per sum and domain (fine), seeds pooled
+    assert len(res["fit_points"]["paper"]["y"]) == 4 and len(res["fit_points"]["fine"]["y"]) == 2 * 3 + 3
+    fits = {(f["level"], f["predictor"], f["scope"]): f for f in res["fits"]}
+    ctrl = fits[("fine", "weight_rms", "all sizes, k controlled")]
+    assert ctrl["k_controlled"] and "permutations of the 3 domain labels" in ctrl["p_method"]
+    assert ctrl["p"] is not None and "cannot reach 0.05" in ctrl["note"]  # 3 domains: 6 permutations
+    assert fits[("fine", "foreign_energy", "all sizes, k NOT controlled")]["k_controlled"] is False
+    assert fits[("fine", "weight_rms", "k = 3")]["rho"] is None  # 3 points: no fit
+    assert {(d["method"], d["blocks"]) for d in res["degradation"]} == {("sum", 2), ("sum", 3)}
+    assert res["method_summary"][0]["method"] == "sum" and res["method_summary"][0]["subsets"] == 4
     for u in res["unlearning"]:
         # subtracting a block from the sum of all equals the sum without it, up to float error
         assert u["delta_rel_diff"] < 1e-6
@@ -256,3 +264,42 @@ def test_methods_are_evaluated_beside_the_sum(setup, tmp_path):
     assert fit["heldout_loss_best"] <= fit["heldout_loss_start"]
     report = (out / "report.md").read_text()
     assert "ties(density=0.5)" in report and (out / "methods.png").is_file()
+
+
+def test_analyse_rewrites_the_report_from_the_cache(full_run, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(full_run, out)
+    before = _numbers(out)
+    (out / "report.md").write_text("stale")
+    (out / "results.json").write_text(json.dumps({**json.loads((out / "results.json").read_text()), "fits": []}))
+    assert _run(["analyse", out]) == 0
+    assert "from the cache" in " ".join(capsys.readouterr().err.split())
+    assert _numbers(out) == before  # the same numbers as the study itself, without a model or data
+    report = (out / "report.md").read_text()
+    for section in REPORT_SECTIONS:
+        assert section in report
+    assert "lorablocks study" in report.split("## Reproduce")[1]
+
+
+def test_analyse_refuses_a_folder_that_is_not_a_study(tmp_path, capsys):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "results.json").write_text("{}")
+    assert _run(["analyse", tmp_path / "mine"]) == 2
+    err = capsys.readouterr().err
+    assert "not a lorablocks study folder" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "mine" / "results.json").read_text() == "{}"
+
+
+def test_analyse_names_missing_per_example_scores(full_run, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(full_run, out)
+    for p in (out / "cache" / "evals").glob("sum-math+words-*.json"):
+        p.unlink()
+    report = (out / "report.md").read_text()
+    assert _run(["analyse", out]) == 2
+    assert "no per-example scores for sum:math+words" in capsys.readouterr().err
+    assert (out / "report.md").read_text() == report  # nothing half-written

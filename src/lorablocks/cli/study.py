@@ -46,3 +46,25 @@ def study_cmd(
     report = write_report(result, out, command=command)
     console.print(f"wrote [bold]{report}[/bold] (and results.json, results.csv, plots) in "
                   f"{result.timings.get('total_s', 0) / 60:.1f} min")
+
+
+@app.command("analyse")
+def analyse_cmd(
+    study_dir: Annotated[Path, typer.Argument(help="A lorablocks study folder (the --out of `lorablocks study`).")],
+) -> None:
+    """Re-run the analysis of a finished study from its cache and rewrite its report (seconds; no model, no data).
+
+    Rewrites report.md, results.json, results.csv and the plots, each atomically; only in a lorablocks study folder."""
+    import time
+
+    from lorablocks.study.reanalyse import reanalyse
+    from lorablocks.study.report import write_report
+
+    t0 = time.perf_counter()
+    result = reanalyse(study_dir)
+    old = (study_dir / "report.md").read_text() if (study_dir / "report.md").is_file() else ""
+    command = next((line for line in old.split("## Reproduce", 1)[-1].splitlines() if line.startswith("lorablocks ")),
+                   "lorablocks study ...")
+    report = write_report(result, study_dir, command=command)
+    console.print(f"wrote [bold]{report}[/bold] (and results.json, results.csv, plots) from the cache in "
+                  f"{time.perf_counter() - t0:.1f} s", highlight=False)

@@ -1,17 +1,20 @@
-"""The study's numbers from its evaluations, each change with a 95 % paired-bootstrap interval.
+"""The study's numbers from its evaluations: changes with design-shaped intervals, fits, families.
 
 Definitions (BRIEF, "Exact definitions"):
 
 * perplexity ``exp(total NLL / counted tokens)``; the joint perplexity of a subset pools the same number
   of examples from each of its domains (the smallest domain's count, first examples in order);
-* change ``100 * (PPL_new - PPL_ref) / PPL_ref``, per domain and joint, with the interval of
-  :func:`lorablocks.study.stats.paired_change` (examples resampled per domain and seed, pairs together);
-* weight overlap: RMS (and signed mean) cosine of the deltas over common modules; function overlap:
-  ``I(j -> i)`` of :mod:`lorablocks.core.function_overlap` on the base model's inputs of domain ``i``.
+* change ``100 * (PPL_new - PPL_ref) / PPL_ref``, per domain and joint, pooled over seeds, with the interval
+  of :class:`lorablocks.study.resample.Resampler` (one resample of each domain's examples shared by every
+  model, seed and sum scored on it; seeds resampled too when there are several);
+* predictors of a domain in a sum (:mod:`lorablocks.study.predictors`), none growing with the number of
+  blocks by construction except the foreign energy; fits (:mod:`lorablocks.study.inference`) within each
+  block count and across sizes with k as a factor, p-values by permuting domain labels;
+* every family of tests is Holm-adjusted; the paper's three subsets vs merged-data are the primary family.
 
-Two fits of interference against overlap: the paper's (joint change of each sum vs its merged-data
-adapter, one point per subset and seed) and a fine one (each domain's change in each sum vs its single
-adapter, one point per sum, domain and seed), each against the weight cosine and the function overlap.
+Two fit levels: the paper's (joint change of each sum vs its merged-data adapter, one point per subset,
+seeds pooled) and a fine one (each domain's change in each sum vs its single adapter, one point per sum and
+domain, seeds pooled).
 """
 
 from __future__ import annotations
@@ -19,22 +22,23 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-from lorablocks.compose import Block, compose, make_recipe
-from lorablocks.core import algebra
-from lorablocks.core.overlap import overlap_matrices, pair_overlap
-from lorablocks.study.config import StudyConfig
-from lorablocks.study.stats import Interval, compare_predictors, fit_with_uncertainty, paired_change
+import numpy as np
 
-__all__ = ["PAPER_CHANGES", "SubsetResult", "MethodResult", "FinePoint", "FitResult", "DegradationPoint",
-           "UnlearnResult", "PairResult", "StudyResult", "analyse", "joint_perplexity"]
+from lorablocks.study.config import StudyConfig
+from lorablocks.study.inference import adjust, compare, fit_family
+from lorablocks.study.predictors import Matrices, Point, fit_data, subset_predictor
+from lorablocks.study.resample import Estimate, Interval, Resampler
+from lorablocks.study.results import (DegradationPoint, FinePoint, Inputs, MethodResult, MethodSummary, PairResult,
+                                      Records, StudyResult, SubsetResult, UnlearnResult)
+
+__all__ = ["PAPER_CHANGES", "SubsetResult", "MethodResult", "FinePoint", "DegradationPoint", "MethodSummary",
+           "UnlearnResult", "PairResult", "StudyResult", "Inputs", "analyse", "analyse_inputs", "joint_perplexity"]
 
 #: Figures reported by the paper (GPT-2 Small; change of the naive sum vs a merged-data LoRA, joint PPL).
 PAPER_CHANGES = {("math", "medicine"): -9.10, ("finance", "math"): 4.54, ("finance", "medicine"): 27.56}
-
-Records = Mapping[tuple[str, int | None], dict]
+PRIMARY = "primary: the paper's subsets, naive sum vs merged-data (joint)"
 
 
 def joint_perplexity(per_example: Mapping[str, Sequence[Sequence[float]]], domains: Sequence[str]) -> float:
@@ -45,149 +49,40 @@ def joint_perplexity(per_example: Mapping[str, Sequence[Sequence[float]]], domai
     return math.exp(math.fsum(r[0] for r in rows) / tokens) if tokens else math.nan
 
 
-@dataclass
-class SubsetResult:
-    """A sum of blocks: its overlap, perplexities, and changes vs merged-data training and vs single blocks."""
-
-    domains: tuple[str, ...]
-    rms_cosine: float
-    mean_cosine: float
-    function_overlap: float
-    ppl_sum: dict[str, float]
-    ppl_merged: dict[str, float] | None
-    vs_merged: dict[str, Interval] | None
-    vs_single: dict[str, Interval]
-    seed_sd_vs_merged: float | None
-    paper_change_pct: float | None
-
-    @property
-    def size(self) -> int:
-        return len(self.domains)
-
-
-@dataclass
-class MethodResult:
-    """A composition method on one subset: its changes vs the naive sum and vs merged-data training."""
-
-    method: str
-    domains: tuple[str, ...]
-    vs_sum: dict[str, Interval]
-    vs_merged: dict[str, Interval] | None
-    fit: dict[str, Any] | None = None
-
-
-@dataclass
-class FinePoint:
-    """One domain in one sum: its change vs its single block and the overlap predictors for it."""
-
-    subset: tuple[str, ...]
-    domain: str
-    seed: int
-    change: Interval
-    weight_rms: float
-    weight_mean: float
-    function: float
-
-
-@dataclass
-class FitResult:
-    """Change against one predictor: the points' coordinates and the fit with its uncertainty."""
-
-    level: str
-    predictor: str
-    x: list[float]
-    y: list[float]
-    labels: list[str]
-    stats: dict[str, Any]
-
-
-@dataclass
-class DegradationPoint:
-    """Own-domain change vs the single block, pooled over all sums of ``blocks`` blocks."""
-
-    blocks: int
-    pooled: Interval
-    mean: float
-    worst: float
-    n: int
-
-
-@dataclass
-class UnlearnResult:
-    """Subtracting one block from the sum of all."""
-
-    domain: str
-    ppl: dict[str, float]
-    vs_base: Interval
-    vs_sum_all: Interval
-    others_vs_sum_all: dict[str, Interval]
-    delta_rel_diff: float
-
-
-@dataclass
-class PairResult:
-    """A pair of domains: both overlaps and what their sum did to them (fine points of that pair's sum)."""
-
-    a: str
-    b: str
-    near: bool
-    rms_cosine: float
-    mean_cosine: float
-    function_overlap: float
-    mean_change_vs_single: float
-
-
-@dataclass
-class StudyResult:
-    """Everything the report needs (see :func:`lorablocks.study.report.write_report`)."""
-
-    config: dict[str, Any]
-    domains: list[str]
-    evaluations: list[dict[str, Any]] = field(default_factory=list)
-    subsets: list[SubsetResult] = field(default_factory=list)
-    methods: list[MethodResult] = field(default_factory=list)
-    overlap: dict[str, Any] = field(default_factory=dict)
-    fine: list[FinePoint] = field(default_factory=list)
-    fits: list[FitResult] = field(default_factory=list)
-    comparisons: dict[str, Interval] = field(default_factory=dict)
-    degradation: list[DegradationPoint] = field(default_factory=list)
-    unlearning: list[UnlearnResult] = field(default_factory=list)
-    pairs: list[PairResult] = field(default_factory=list)
-    training: list[dict[str, Any]] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    versions: dict[str, str] = field(default_factory=dict)
-
-
-# ------------------------------------------------------------------------------------------- helpers
+# ------------------------------------------------------------------------------------------- changes
 
 
 class _Changes:
-    """Paired-bootstrap changes between evaluations, pooling seeds, with the study's bootstrap settings."""
+    """Changes between evaluations with the study's shared resampler, pooling seeds."""
 
-    def __init__(self, records: Records, seeds: Sequence[int], resamples: int, seed: int) -> None:
-        self.records, self.seeds, self.resamples, self.seed = records, list(seeds), resamples, seed
+    def __init__(self, records: Records, seeds: Sequence[int], resampler: Resampler) -> None:
+        self.records, self.seeds, self.rs = records, list(seeds), resampler
 
-    def rows(self, label: str, seed: int | None, domain: str, m: int | None = None) -> list:
-        rows = self.records[(label, seed)]["per_example"][domain]
-        return rows[:m] if m is not None else rows
+    def has(self, label: str) -> bool:
+        return (label, self.seeds[0]) in self.records
 
-    def change(self, new: str, ref: str, domains: Sequence[str], *, ref_seedless: bool = False,
-               seeds: Sequence[int] | None = None) -> Interval:
-        """``new`` vs ``ref`` over ``domains`` (several: the joint change, equal examples per domain)."""
-        seeds = self.seeds if seeds is None else seeds
-        m = min(len(self.rows(new, seeds[0], d)) for d in domains) if len(domains) > 1 else None
-        a = [self.rows(new, s, d, m) for s in seeds for d in domains]
-        b = [self.rows(ref, None if ref_seedless else s, d, m) for s in seeds for d in domains]
-        return paired_change(a, b, self.resamples, self.seed)
+    def series(self, label: str, domain: str, m: int | None, seedless: bool = False) -> np.ndarray:
+        keys = [None] * len(self.seeds) if seedless else self.seeds
+        rows = [self.records[(label, s)]["per_example"][domain] for s in keys]
+        m = min(len(r) for r in rows) if m is None else m
+        return np.asarray([r[:m] for r in rows], dtype=np.float64).reshape(len(rows), m, 2)
 
-    def pooled(self, pairs: Sequence[tuple[str, str, str, int]]) -> Interval:
-        """One change pooled over ``(new label, ref label, domain, seed)`` groups."""
-        a = [self.rows(n, s, d) for n, _, d, s in pairs]
-        b = [self.rows(r, s, d) for _, r, d, s in pairs]
-        return paired_change(a, b, self.resamples, self.seed)
+    def estimate(self, new: str, ref: str, domains: Sequence[str], ref_seedless: bool = False) -> Estimate:
+        m = min(len(self.records[(new, self.seeds[0])]["per_example"][d]) for d in domains) if len(domains) > 1 else None
+        return self.rs.change({d: self.series(new, d, m) for d in domains},
+                              {d: self.series(ref, d, m, ref_seedless) for d in domains}, range(len(self.seeds)))
+
+    def change(self, new: str, ref: str, domains: Sequence[str], ref_seedless: bool = False) -> Interval:
+        return self.estimate(new, ref, domains, ref_seedless).interval()
+
+    def pooled(self, groups: Sequence[tuple[str, str, str]]) -> Estimate:
+        """One change pooled over ``(new label, ref label, domain)`` groups (seeds pooled)."""
+        return self.rs.pooled([(d, self.series(n, d, None), self.series(r, d, None)) for n, r, d in groups],
+                              range(len(self.seeds)))
 
     def ppl(self, label: str, domain: str) -> float:
-        vals = [self.records[(label, s)]["domains"][domain]["perplexity"] for s in self.seeds if (label, s) in self.records]
+        vals = [self.records[(label, s)]["domains"][domain]["perplexity"] for s in self.seeds
+                if (label, s) in self.records and domain in self.records[(label, s)]["domains"]]
         if not vals and (label, None) in self.records:
             vals = [self.records[(label, None)]["domains"][domain]["perplexity"]]
         return statistics.fmean(vals) if vals else math.nan
@@ -196,141 +91,157 @@ class _Changes:
         return statistics.fmean(joint_perplexity(self.records[(label, s)]["per_example"], domains) for s in self.seeds)
 
 
-def _mean(values: Sequence[float]) -> float:
-    vals = [v for v in values if v is not None and not math.isnan(v)]
-    return statistics.fmean(vals) if vals else math.nan
+def _resampler(records: Records, cfg: StudyConfig) -> Resampler:
+    sizes: dict[str, int] = {}
+    for rec in records.values():
+        for d, rows in rec["per_example"].items():
+            sizes[d] = max(sizes.get(d, 0), len(rows))
+    return Resampler(sizes, len(cfg.seeds), cfg.analysis.bootstrap_resamples, cfg.analysis.bootstrap_seed)
 
 
-def _rms(values: Sequence[float]) -> float:
-    vals = [v for v in values if v is not None and not math.isnan(v)]
-    return math.sqrt(statistics.fmean(v * v for v in vals)) if vals else math.nan
+def _tag(s: Sequence[str]) -> str:
+    return "+".join(s)
 
 
-def _overlap(config: StudyConfig, deltas: Mapping, probes: Mapping[int, dict]) -> dict[str, Any]:
-    doms, seeds = list(config.domains), list(config.seeds)
-    per = {s: overlap_matrices([deltas[(s, (d,))] for d in doms]) for s in seeds}
-    n = len(doms)
-    avg = lambda mats: [[_mean([m[i][j] for m in mats]) for j in range(n)] for i in range(n)]  # noqa: E731
-    out = {"domains": doms, "rms_cosine": avg([per[s][0] for s in seeds]), "mean_cosine": avg([per[s][1] for s in seeds])}
-    if probes:
-        out["interference"] = avg([probes[s]["interference"] for s in seeds])
-        out["functional_cosine"] = avg([probes[s]["cosine"] for s in seeds])
+# ------------------------------------------------------------------------------------------- overlap
+
+
+def _matrices(cfg: StudyConfig, deltas: Mapping, probes: Mapping[int, dict]) -> list[Matrices]:
+    from lorablocks.core.overlap import overlap_matrices
+
+    out = []
+    for s in cfg.seeds:
+        rms, mean, _ = overlap_matrices([deltas[(s, (d,))] for d in cfg.domains])
+        out.append(Matrices.from_lists(rms, mean, probes.get(s)))
     return out
 
 
-def _weight_cos(deltas: Mapping, seed: int, d: str, others: Sequence[str]) -> tuple[float, float]:
-    """RMS and signed mean cosine between block ``d`` and the other blocks, over pairs and common modules."""
-    cos = [c for e in others for c in pair_overlap(deltas[(seed, (d,))], deltas[(seed, (e,))]).cosines.values()]
-    return _rms(cos), _mean(cos)
+def _overlap(cfg: StudyConfig, mats: Sequence[Matrices], probes: Mapping[int, dict]) -> dict[str, Any]:
+    avg = lambda name: np.mean([getattr(m, name) for m in mats], axis=0).tolist()  # noqa: E731
+    out: dict[str, Any] = {"domains": list(cfg.domains), "rms_cosine": avg("rms"), "mean_cosine": avg("mean")}
+    if all(m.interference is not None for m in mats):
+        out["interference"], out["functional_cosine"] = avg("interference"), avg("cosine")
+    out["energy_available"] = all(m.energy is not None for m in mats)
+    out["probe_tokens"] = sorted({str(p.get("tokens", "all non-padding (prompt and answer)")) for p in probes.values()})
+    return out
 
 
-def _function(probes: Mapping[int, dict], doms: Sequence[str], seed: int, d: str, others: Sequence[str]) -> float:
-    """``sum_{j in others} I(j -> d)``: how strongly the other blocks act on ``d``'s inputs (NaN: not probed)."""
-    if seed not in probes:
-        return math.nan
-    i = doms.index(d)
-    return sum(probes[seed]["interference"][doms.index(e)][i] for e in others)
+def _predictor_names(mats: Sequence[Matrices]) -> list[str]:
+    names = mats[0].available()
+    return [n for n in names if all(n in m.available() for m in mats)]
+
+
+def _mean_over_seeds(mats, fn) -> float:
+    vals = [fn(m) for m in mats]
+    vals = [v for v in vals if math.isfinite(v)]
+    return float(np.mean(vals)) if vals else math.nan
 
 
 # ------------------------------------------------------------------------------------------- analyses
 
 
-def _subsets(ch: _Changes, cfg: StudyConfig, deltas, probes, sums, merged_sets) -> list[SubsetResult]:
-    out = []
-    doms = list(cfg.domains)
-    for s in sums:
-        lab = f"sum:{'+'.join(s)}"
-        has = s in merged_sets
-        wc = [_weight_cos(deltas, seed, d, [e for e in s if e != d]) for seed in cfg.seeds for d in s]
-        fo = [_function(probes, doms, seed, d, [e for e in s if e != d]) / (len(s) - 1) for seed in cfg.seeds for d in s]
-        vs_merged = None
-        if has:
-            mlab = f"merged:{'+'.join(s)}"
-            vs_merged = {d: ch.change(lab, mlab, [d]) for d in s} | {"joint": ch.change(lab, mlab, s)}
-            per_seed = [ch.change(lab, mlab, s, seeds=[k]).value for k in cfg.seeds]
+def _subsets(ch: _Changes, cfg: StudyConfig, mats, names, inp: Inputs) -> list[SubsetResult]:
+    doms, out = list(cfg.domains), []
+    for s in inp.sums:
+        lab, idx = f"sum:{_tag(s)}", tuple(doms.index(d) for d in s)
+        has = s in inp.merged_sets
+        mlab = f"merged:{_tag(s)}"
+        vs_merged = ({d: ch.change(lab, mlab, [d]) for d in s} | {"joint": ch.change(lab, mlab, s)}) if has else None
+        per_seed = []
+        if has and len(cfg.seeds) > 1:
+            per_seed = [100 * (joint_perplexity(ch.records[(lab, k)]["per_example"], s)
+                               / joint_perplexity(ch.records[(mlab, k)]["per_example"], s) - 1) for k in cfg.seeds]
         out.append(SubsetResult(
-            domains=tuple(s), rms_cosine=_rms([w[0] for w in wc]), mean_cosine=_mean([w[1] for w in wc]),
-            function_overlap=_mean(fo),
+            domains=tuple(s), predictors={n: _mean_over_seeds(mats, lambda m, n=n: subset_predictor(m, n, idx)) for n in names},
             ppl_sum={**{d: ch.ppl(lab, d) for d in s}, "joint": ch.joint(lab, s)},
-            ppl_merged={**{d: ch.ppl(f"merged:{'+'.join(s)}", d) for d in s},
-                        "joint": ch.joint(f"merged:{'+'.join(s)}", s)} if has else None,
-            vs_merged=vs_merged, vs_single={d: ch.pooled([(lab, f"single:{d}", d, k) for k in cfg.seeds]) for d in s},
-            seed_sd_vs_merged=statistics.stdev(per_seed) if has and len(per_seed) > 1 else None,
+            ppl_merged={**{d: ch.ppl(mlab, d) for d in s}, "joint": ch.joint(mlab, s)} if has else None,
+            vs_merged=vs_merged, vs_single={d: ch.change(lab, f"single:{d}", [d]) for d in s},
+            seed_sd_vs_merged=statistics.stdev(per_seed) if len(per_seed) > 1 else None,
             paper_change_pct=PAPER_CHANGES.get(tuple(sorted(s)))))
     return out
 
 
-def _fine(ch: _Changes, cfg: StudyConfig, deltas, probes, sums) -> list[FinePoint]:
+def _fine_points(ch: _Changes, cfg: StudyConfig, sums) -> list[Point]:
     doms = list(cfg.domains)
-    points = []
-    for s in sums:
-        for d in s:
-            others = [e for e in s if e != d]
-            for seed in cfg.seeds:
-                wr, wm = _weight_cos(deltas, seed, d, others)
-                points.append(FinePoint(tuple(s), d, seed, ch.pooled([(f"sum:{'+'.join(s)}", f"single:{d}", d, seed)]),
-                                        wr, wm, _function(probes, doms, seed, d, others)))
-    return points
+    return [Point(f"{_tag(s)}:{d}", tuple(doms.index(e) for e in s), doms.index(d),
+                  ch.estimate(f"sum:{_tag(s)}", f"single:{d}", [d])) for s in sums for d in s]
 
 
-def _fit(level: str, predictor: str, xs, ys, labels, cfg: StudyConfig) -> FitResult:
-    keep = [i for i, x in enumerate(xs) if x is not None and not math.isnan(x)]
-    x, y = [xs[i] for i in keep], [ys[i] for i in keep]
-    stats = fit_with_uncertainty(x, y, cfg.analysis.bootstrap_resamples, cfg.analysis.bootstrap_seed).to_dict()
-    return FitResult(level, predictor, x, y, [labels[i] for i in keep], stats)
+def _paper_points(ch: _Changes, cfg: StudyConfig, sums, merged_sets) -> list[Point]:
+    doms = list(cfg.domains)
+    return [Point(_tag(s), tuple(doms.index(e) for e in s), None, ch.estimate(f"sum:{_tag(s)}", f"merged:{_tag(s)}", s))
+            for s in sums if s in merged_sets]
 
 
-def _fits(subsets: Sequence[SubsetResult], fine: Sequence[FinePoint], cfg: StudyConfig) -> tuple[list[FitResult], dict]:
-    paper = [s for s in subsets if s.vs_merged is not None]
-    py, pl = [s.vs_merged["joint"].value for s in paper], ["+".join(s.domains) for s in paper]
-    fy, fl = [p.change.value for p in fine], [f"{'+'.join(p.subset)}:{p.domain}" for p in fine]
-    fits = [_fit("paper", "rms_cosine", [s.rms_cosine for s in paper], py, pl, cfg),
-            _fit("paper", "function_overlap", [s.function_overlap for s in paper], py, pl, cfg),
-            _fit("fine", "rms_cosine", [p.weight_rms for p in fine], fy, fl, cfg),
-            _fit("fine", "mean_cosine", [p.weight_mean for p in fine], fy, fl, cfg),
-            _fit("fine", "function_overlap", [p.function for p in fine], fy, fl, cfg)]
-    comparisons = {}
-    usable = [p for p in fine if not math.isnan(p.function) and not math.isnan(p.weight_rms)]
-    if len(usable) >= 3:
-        comparisons["fine: rho(function overlap) - rho(RMS cosine)"] = compare_predictors(
-            [p.function for p in usable], [p.weight_rms for p in usable], [p.change.value for p in usable],
-            cfg.analysis.bootstrap_resamples, cfg.analysis.bootstrap_seed)
-    return fits, comparisons
+def _fits(result: StudyResult, ch: _Changes, cfg: StudyConfig, mats, names, inp: Inputs) -> None:
+    """Both levels' fits, the points they are made of, and the size-controlled predictor comparisons."""
+    doms = list(cfg.domains)
+    seed_w = ch.rs.seed_weights if len(cfg.seeds) > 1 else None
+    levels = {"paper": _paper_points(ch, cfg, inp.sums, inp.merged_sets), "fine": _fine_points(ch, cfg, inp.sums)}
+    for level, points in levels.items():
+        if not points:
+            continue
+        data = fit_data(points, mats, names, len(doms), seed_w, cfg.analysis.bootstrap_seed)
+        result.fits += fit_family(data, level)
+        result.fit_points[level] = {"labels": data.labels, "y": data.y.tolist(), "k": data.k.tolist(),
+                                    "x": {n: v.tolist() for n, v in data.x.items()}}
+        if level == "fine":
+            result.fine = [FinePoint(tuple(doms[i] for i in p.subset), doms[p.domain], p.change.interval(),
+                                     {n: float(data.x[n][j]) for n in names}) for j, p in enumerate(points)]
+            comps = {f"{a} vs weight_rms": compare(data, a, "weight_rms") for a in names
+                     if a.startswith(("function", "foreign"))}
+            comps = adjust({k: v for k, v in comps.items() if v is not None},
+                           "fine level: |partial rho| (k as a factor) of each function predictor minus weight_rms's")
+            result.comparisons = [{"name": k, "a": k.split(" vs ")[0], "b": "weight_rms", "difference": v}
+                                  for k, v in comps.items()]
 
 
 def _degradation(ch: _Changes, cfg: StudyConfig, sums) -> list[DegradationPoint]:
-    out = [DegradationPoint(1, Interval(0.0, 0.0, 0.0), 0.0, 0.0, len(cfg.domains) * len(cfg.seeds))]
-    for k in sorted({len(s) for s in sums}):
-        groups = [(f"sum:{'+'.join(s)}", f"single:{d}", d, seed) for s in sums if len(s) == k for d in s for seed in cfg.seeds]
-        single = [ch.pooled([g]).value for g in groups]
-        out.append(DegradationPoint(k, ch.pooled(groups), _mean(single), max(single), len(groups)))
+    out = []
+    for method in ["sum", *[m.label for m in cfg.methods]]:
+        rows = []
+        for k in sorted({len(s) for s in sums}):
+            groups = [(f"{method}:{_tag(s)}", f"single:{d}", d) for s in sums if len(s) == k
+                      and ch.has(f"{method}:{_tag(s)}") for d in s]
+            if not groups:
+                continue
+            single = [ch.pooled([g]).value for g in groups]
+            rows.append((k, ch.pooled(groups).interval(), float(np.mean(single)), max(single), len(groups)))
+        ivs = adjust({k: iv for k, iv, *_ in rows}, f"{method}: own-domain change vs single blocks by block count")
+        out += [DegradationPoint(method, k, ivs[k], mean, worst, n) for k, _, mean, worst, n in rows]
     return out
 
 
 def _unlearning(ch: _Changes, cfg: StudyConfig, deltas) -> list[UnlearnResult]:
     doms, out = list(cfg.domains), []
-    all_label = f"sum:{'+'.join(doms)}"
+    all_label = f"sum:{_tag(doms)}"
+    has_all = ch.has(all_label)
     for d in doms:
         rest = [e for e in doms if e != d]
-        rest_label = f"sum:{'+'.join(rest)}" if len(rest) >= 2 else f"single:{rest[0]}"
+        rest_label = f"sum:{_tag(rest)}" if len(rest) >= 2 else f"single:{rest[0]}"
         diffs = [_subtraction_error(deltas, seed, doms, d) for seed in cfg.seeds]
         ppl = {"base": ch.ppl("base", d), "single": ch.ppl(f"single:{d}", d), "unlearned": ch.ppl(f"unlearn:{d}", d),
-               "sum_all": ch.ppl(all_label, d) if (all_label, cfg.seeds[0]) in ch.records else math.nan}
-        # the unlearned sum and the sum built without the block, on the remaining domains (where both are scored)
+               "sum_all": ch.ppl(all_label, d) if has_all else math.nan}
         match = [abs(ch.ppl(f"unlearn:{d}", e) / ch.ppl(rest_label, e) - 1) for e in rest
-                 if e in ch.records[(rest_label, cfg.seeds[0])]["domains"]]
+                 if ch.has(rest_label) and e in ch.records[(rest_label, cfg.seeds[0])]["domains"]]
         ppl["max_rel_diff_vs_sum_without"] = max(match) if match else math.nan
-        has_all = (all_label, cfg.seeds[0]) in ch.records
+        nan = Interval(math.nan, math.nan, math.nan)
         out.append(UnlearnResult(
             domain=d, ppl=ppl, vs_base=ch.change(f"unlearn:{d}", "base", [d], ref_seedless=True),
-            vs_sum_all=ch.change(f"unlearn:{d}", all_label, [d]) if has_all else Interval(math.nan, math.nan, math.nan),
+            vs_sum_all=ch.change(f"unlearn:{d}", all_label, [d]) if has_all else nan,
             others_vs_sum_all={e: ch.change(f"unlearn:{d}", all_label, [e]) for e in rest} if has_all else {},
             delta_rel_diff=max(diffs)))
+    fam = adjust({u.domain: u.vs_base for u in out}, "unlearning: forgotten domain vs the base model")
+    for u in out:
+        u.vs_base = fam[u.domain]
     return out
 
 
 def _subtraction_error(deltas, seed: int, doms: Sequence[str], d: str) -> float:
     """``|(sum of all - block d) - (sum without d)|_F / |sum without d|_F``, exactly in factored form."""
+    from lorablocks.compose import Block, compose, make_recipe
+    from lorablocks.core import algebra
+
     blocks = [Block(name=e) for e in doms] + [Block(name=f"-{d}", weight=-1.0)] + \
              [Block(name=f"~{e}", weight=-1.0) for e in doms if e != d]
     srcs = [deltas[(seed, (e,))] for e in doms] + [deltas[(seed, (d,))]] + [deltas[(seed, (e,))] for e in doms if e != d]
@@ -340,36 +251,123 @@ def _subtraction_error(deltas, seed: int, doms: Sequence[str], d: str) -> float:
     return math.sqrt(sum(diff.report.norm_sq.values())) / den if den else math.nan
 
 
-def _methods(ch: _Changes, cfg: StudyConfig, sums, merged_sets, fits: Mapping) -> list[MethodResult]:
+def _methods(ch: _Changes, cfg: StudyConfig, inp: Inputs) -> list[MethodResult]:
     out = []
     for spec in cfg.methods:
-        for s in [s for s in sums if len(s) <= (cfg.methods_max_size or len(s))]:
-            lab, slab = f"{spec.label}:{'+'.join(s)}", f"sum:{'+'.join(s)}"
+        for s in [s for s in inp.sums if ch.has(f"{spec.label}:{_tag(s)}")]:
+            lab, slab = f"{spec.label}:{_tag(s)}", f"sum:{_tag(s)}"
             vs_sum = {d: ch.change(lab, slab, [d]) for d in s} | {"joint": ch.change(lab, slab, s)}
             vs_merged = None
-            if s in merged_sets:
-                mlab = f"merged:{'+'.join(s)}"
+            if s in inp.merged_sets:
+                mlab = f"merged:{_tag(s)}"
                 vs_merged = {d: ch.change(lab, mlab, [d]) for d in s} | {"joint": ch.change(lab, mlab, s)}
-            fit = fits.get((spec.label, s, cfg.seeds[0]))
+            fit = inp.fits.get((spec.label, s, cfg.seeds[0]))
             out.append(MethodResult(spec.label, tuple(s), vs_sum, vs_merged,
                                     {k: v for k, v in fit.items() if k != "history"} if fit else None))
     return out
 
 
-def _pairs(cfg: StudyConfig, overlap: Mapping, fine: Sequence[FinePoint]) -> list[PairResult]:
+def _families(result: StudyResult) -> None:
+    """Holm within each family; the paper's subsets vs merged-data (joint) are the primary family."""
+    subs = {s.domains: s for s in result.subsets}
+    primary = {k: s.vs_merged["joint"] for k, s in subs.items() if s.vs_merged and s.paper_change_pct is not None}
+    for k, iv in adjust(primary, PRIMARY).items():
+        subs[k].vs_merged["joint"] = iv
+    other = {k: s.vs_merged["joint"] for k, s in subs.items() if s.vs_merged and k not in primary}
+    for k, iv in adjust(other, "naive sum vs merged-data, the other subsets (joint; exploratory)").items():
+        subs[k].vs_merged["joint"] = iv
+    per_dom = {(k, d): s.vs_merged[d] for k, s in subs.items() if s.vs_merged for d in k}
+    for (k, d), iv in adjust(per_dom, "naive sum vs merged-data per domain (exploratory)").items():
+        subs[k].vs_merged[d] = iv
+    single = {(k, d): iv for k, s in subs.items() for d, iv in s.vs_single.items()}
+    for (k, d), iv in adjust(single, "each sum on each domain vs its single block (exploratory)").items():
+        subs[k].vs_single[d] = iv
+    for label in dict.fromkeys(m.method for m in result.methods):
+        rows = [m for m in result.methods if m.method == label]
+        for ref in ("vs_sum", "vs_merged"):
+            what = "the naive sum" if ref == "vs_sum" else "merged-data"
+            have = [m for m in rows if getattr(m, ref)]
+            joint = adjust({m.domains: getattr(m, ref)["joint"] for m in have}, f"{label} vs {what} (joint)")
+            per = adjust({(m.domains, d): getattr(m, ref)[d] for m in have for d in m.domains},
+                         f"{label} vs {what} per domain (exploratory)")
+            for m in have:
+                getattr(m, ref)["joint"] = joint[m.domains]
+                for d in m.domains:
+                    getattr(m, ref)[d] = per[(m.domains, d)]
+
+
+def _method_summary(result: StudyResult) -> list[MethodSummary]:
+    """Per method, vs merged-data (joint, adjusted): better / no different (within its interval) / worse."""
+    out = []
+    sums = [s.vs_merged["joint"] for s in result.subsets if s.vs_merged]
+    if sums:
+        fams = sorted({iv.family for iv in sums if iv.family})
+        out.append(MethodSummary("sum", len(sums), sum(iv.better for iv in sums),
+                                 sum(not iv.significant for iv in sums), sum(iv.worse for iv in sums), " + ".join(fams)))
+    for label in dict.fromkeys(m.method for m in result.methods):
+        ivs = [m.vs_merged["joint"] for m in result.methods if m.method == label and m.vs_merged]
+        if ivs:
+            out.append(MethodSummary(label, len(ivs), sum(iv.better for iv in ivs), sum(not iv.significant for iv in ivs),
+                                     sum(iv.worse for iv in ivs), ivs[0].family or ""))
+    return out
+
+
+def _pairs(cfg: StudyConfig, mats, names, fine: Sequence[FinePoint]) -> list[PairResult]:
     doms, out = list(cfg.domains), []
     near = {frozenset(p) for p in cfg.analysis.near_pairs}
     for i, a in enumerate(doms):
         for j in range(i + 1, len(doms)):
             b = doms[j]
-            fo = overlap.get("interference")
             pts = [p.change.value for p in fine if set(p.subset) == {a, b}]
-            out.append(PairResult(a, b, frozenset((a, b)) in near, overlap["rms_cosine"][i][j], overlap["mean_cosine"][i][j],
-                                  (fo[i][j] + fo[j][i]) / 2 if fo else math.nan, _mean(pts)))
+            out.append(PairResult(a, b, frozenset((a, b)) in near,
+                                  {n: _mean_over_seeds(mats, lambda m, n=n: subset_predictor(m, n, (i, j))) for n in names},
+                                  float(np.mean(pts)) if pts else math.nan))
     return out
 
 
-def _training(trained) -> list[dict[str, Any]]:
+def _inference_notes(cfg: StudyConfig, overlap: Mapping, names: Sequence[str]) -> dict[str, Any]:
+    n, seeds = len(cfg.domains), len(cfg.seeds)
+    perms = math.factorial(n)
+    notes = {"seeds": seeds, "resamples": cfg.analysis.bootstrap_resamples,
+             "bootstrap": ("one Poisson(1) weight per test example and resample, shared by every model, seed and sum "
+                           "scored on that domain" + ("; seeds resampled with replacement (two-level), seed level "
+                                                      "small-sample corrected" if seeds > 1 else "")),
+             "scope": ("several seeds: intervals cover test-example and training-seed noise" if seeds > 1 else
+                       "one seed: intervals are conditional on these trained blocks (test-example noise only); "
+                       "claims about a method need several seeds"),
+             "fit_p_value": (f"permutation of the {n} domain labels, every predictor recomputed from the permuted overlap "
+                             f"matrices ({'all ' + str(perms) if perms <= 5040 else '9,999 random'} permutations)"),
+             "multiplicity": "Holm within each family (named with each test)", "predictors": list(names)}
+    if not overlap.get("energy_available"):
+        notes["missing"] = ("foreign_energy and foreign_cosine need the probe's pair energies, which these probe records "
+                            "do not hold (probed before they were stored, or probing off); run the study again to probe")
+    return notes
+
+
+def analyse_inputs(config: StudyConfig, inp: Inputs) -> StudyResult:
+    """Every number of the report from the analysis inputs."""
+    ch = _Changes(inp.records, config.seeds, _resampler(inp.records, config))
+    mats = _matrices(config, inp.deltas, inp.probes)
+    names = _predictor_names(mats)
+    result = StudyResult(config=config.model_dump(), domains=list(config.domains))
+    result.evaluations = [{k: v for k, v in rec.items() if k != "per_example"} for rec in inp.records.values()]
+    result.overlap = _overlap(config, mats, inp.probes)
+    result.subsets = _subsets(ch, config, mats, names, inp)
+    _fits(result, ch, config, mats, names, inp)
+    result.degradation = _degradation(ch, config, inp.sums)
+    result.unlearning = _unlearning(ch, config, inp.deltas)
+    result.methods = _methods(ch, config, inp)
+    _families(result)
+    result.method_summary = _method_summary(result)
+    result.pairs = _pairs(config, mats, names, result.fine)
+    result.inference = _inference_notes(config, result.overlap, names)
+    result.training = list(inp.training)
+    result.timings = {"training_compute_s": sum(t.get("seconds", 0.0) for t in result.training),
+                      "evaluation_compute_s": sum(r.get("seconds", 0.0) for r in inp.records.values())}
+    return result
+
+
+def training_records(trained) -> list[dict[str, Any]]:
     return [{"seed": seed, "subset": list(subset), "path": str(trained.paths[(seed, subset)]),
              "loss_curve": rec.get("loss_curve", []), "validation": rec.get("validation", []),
              "precision": rec.get("precision"),
@@ -380,19 +378,5 @@ def _training(trained) -> list[dict[str, Any]]:
 def analyse(config: StudyConfig, records: Records, trained, probes: Mapping[int, dict], fits: Mapping,
             sums, merged_sets) -> StudyResult:
     """Every number of the report from the evaluation records, the trained deltas and the probes."""
-    ch = _Changes(records, config.seeds, config.analysis.bootstrap_resamples, config.analysis.bootstrap_seed)
-    deltas = trained.deltas
-    result = StudyResult(config=config.model_dump(), domains=list(config.domains))
-    result.evaluations = [{k: v for k, v in rec.items() if k != "per_example"} for rec in records.values()]
-    result.overlap = _overlap(config, deltas, probes)
-    result.subsets = _subsets(ch, config, deltas, probes, sums, merged_sets)
-    result.fine = _fine(ch, config, deltas, probes, sums)
-    result.fits, result.comparisons = _fits(result.subsets, result.fine, config)
-    result.degradation = _degradation(ch, config, sums)
-    result.unlearning = _unlearning(ch, config, deltas)
-    result.methods = _methods(ch, config, sums, merged_sets, fits)
-    result.pairs = _pairs(config, result.overlap, result.fine)
-    result.training = _training(trained)
-    result.timings = {"training_compute_s": sum(t["seconds"] for t in result.training),
-                      "evaluation_compute_s": sum(r.get("seconds", 0.0) for r in records.values())}
-    return result
+    return analyse_inputs(config, Inputs(records, trained.deltas, training_records(trained), probes, fits,
+                                         list(sums), list(merged_sets)))

@@ -55,24 +55,31 @@ def heatmap(
     plt.close(fig)
 
 
-def _fit_panel(ax, fits, level: str, predictor: str, xlabel: str) -> None:
-    fit = next((f for f in fits if f.level == level and f.predictor == predictor), None)
-    if fit is None or not fit.x:
-        ax.set_title(f"{xlabel}: no points")
+def _fit_panel(ax, result, level: str, predictor: str, xlabel: str) -> None:
+    """Change vs one predictor, points coloured by block count k, with the within-k and k-controlled rho."""
+    pts = result.fit_points.get(level)
+    if not pts or predictor not in pts["x"]:
+        ax.set_title(f"{xlabel}: no points", fontsize=8)
         return
-    ax.scatter(fit.x, fit.y, s=14, color="tab:blue" if level == "fine" else "tab:orange", zorder=3, label=f"{level} ({len(fit.x)})")
-    st = fit.stats
-    if st.get("slope") is not None:
-        lo, hi = min(fit.x), max(fit.x)
-        ax.plot([lo, hi], [st["slope"] * lo + st["intercept"], st["slope"] * hi + st["intercept"]], color="tab:red",
-                label=f"slope {st['slope']:.3g}, rho {st['spearman_rho'] if st['spearman_rho'] is None else round(st['spearman_rho'], 2)}")
+    x, y, k = pts["x"][predictor], pts["y"], pts["k"]
+    colours = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    for i, size in enumerate(sorted(set(k))):
+        sel = [j for j, v in enumerate(k) if v == size]
+        fit = next((f for f in result.fits if f.level == level and f.predictor == predictor and f.scope == f"k = {size}"), None)
+        rho = f", rho {fit.rho.value:+.2f}" if fit is not None and fit.rho is not None else ""
+        ax.scatter([x[j] for j in sel], [y[j] for j in sel], s=14, color=colours[i % len(colours)], zorder=3,
+                   label=f"k = {size} ({len(sel)}{rho})")
+    ctrl = next((f for f in result.fits if f.level == level and f.predictor == predictor and f.k_controlled
+                 and f.scope.startswith("all")), None)
+    if ctrl is not None and ctrl.rho is not None:
+        ax.set_title(f"k controlled: partial rho {ctrl.rho.value:+.2f}, permutation p {ctrl.p:.3f}", fontsize=8)
     ax.axhline(0, color="grey", lw=0.6)
-    ax.set_xlabel(xlabel)
-    ax.legend(fontsize=7)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.legend(fontsize=6)
 
 
 def study_plots(result, out) -> dict[str, str]:
-    """The report's figures: overlap heatmaps, change vs both predictors, degradation, methods, training."""
+    """The report's figures: overlap heatmaps, change vs predictors (coloured by k), degradation, methods, training."""
     from pathlib import Path
 
     plt = _pyplot()
@@ -81,14 +88,17 @@ def study_plots(result, out) -> dict[str, str]:
              "methods": "methods.png", "training": "training_loss.png"}
     heatmap(result.overlap["rms_cosine"], result.domains, out / files["heatmap"],
             title="RMS cosine of single-domain LoRA deltas", force=True)
+    energy = "foreign_energy" in (result.fit_points.get("fine") or {}).get("x", {})
+    fine_fn = ("foreign_energy", "foreign energy |sum_others dW X|^2 / |dW_d X|^2") if energy else \
+        ("function_mean", "mean I(other -> domain)")
     fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
-    _fit_panel(axes[0][0], result.fits, "paper", "rms_cosine", "RMS cosine of the summed deltas")
-    _fit_panel(axes[0][1], result.fits, "paper", "function_overlap", "mean function overlap I(j -> i)")
-    _fit_panel(axes[1][0], result.fits, "fine", "rms_cosine", "RMS cosine of the block with the others")
-    _fit_panel(axes[1][1], result.fits, "fine", "function_overlap", "sum of I(j -> domain) of the others")
+    _fit_panel(axes[0][0], result, "paper", "weight_rms", "RMS cosine of the summed deltas")
+    _fit_panel(axes[0][1], result, "paper", "function_mean", "mean function overlap I(j -> i)")
+    _fit_panel(axes[1][0], result, "fine", "weight_rms", "RMS cosine of the block with the others")
+    _fit_panel(axes[1][1], result, "fine", *fine_fn)
     axes[0][0].set_ylabel("joint PPL change vs merged-data (%)")
     axes[1][0].set_ylabel("own-domain PPL change vs single (%)")
-    fig.suptitle("Interference vs weight overlap (left) and function overlap (right)")
+    fig.suptitle("Interference vs weight overlap (left) and function overlap (right); colour: number of blocks k")
     _save(fig, out / files["fit"], True)
     plt.close(fig)
     _degradation_plot(plt, result, out / files["degradation"])
@@ -99,15 +109,20 @@ def study_plots(result, out) -> dict[str, str]:
 
 def _degradation_plot(plt, result, path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
-    deg = result.degradation
-    ys = [d.pooled.value for d in deg]
-    err = [[d.pooled.value - d.pooled.low for d in deg], [d.pooled.high - d.pooled.value for d in deg]]
-    ax.errorbar([d.blocks for d in deg], ys, yerr=err, marker="o", capsize=3)
+    methods = list(dict.fromkeys(d.method for d in result.degradation))
+    for i, method in enumerate(methods):
+        deg = [d for d in result.degradation if d.method == method]
+        shift = (i - (len(methods) - 1) / 2) * 0.06
+        ys = [0.0] + [d.pooled.value for d in deg]
+        err = [[0.0] + [d.pooled.value - d.pooled.low for d in deg], [0.0] + [d.pooled.high - d.pooled.value for d in deg]]
+        ax.errorbar([1 + shift] + [d.blocks + shift for d in deg], ys, yerr=err, marker="o", capsize=3, label=method)
     ax.axhline(0, color="grey", lw=0.6)
-    ax.set_xlabel("number of blocks in the sum")
+    ax.set_xlabel("number of blocks combined")
     ax.set_ylabel("own-domain PPL change vs single (%), 95 % CI")
     ax.set_title("Degradation vs number of blocks")
-    ax.set_xticks([d.blocks for d in deg])
+    ax.set_xticks(sorted({1} | {d.blocks for d in result.degradation}))
+    if methods:
+        ax.legend(fontsize=7)
     _save(fig, path, True)
     plt.close(fig)
 

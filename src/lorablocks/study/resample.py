@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Interval", "Estimate", "Resampler", "bootstrap_p", "DEFAULT_RESAMPLES"]
+__all__ = ["Interval", "Estimate", "Resampler", "bootstrap_p", "paired_change", "DEFAULT_RESAMPLES"]
 
 #: Resamples per study: the 2.5 % and 97.5 % ends move by well under 0.1 point between seeds.
 DEFAULT_RESAMPLES = 10_000
@@ -129,10 +129,14 @@ class Resampler:
 
     def change(self, new: Mapping[str, Rows], ref: Mapping[str, Rows], seeds: Sequence[int]) -> Estimate:
         """``100 * (PPL_new / PPL_ref - 1)`` over the domains of ``new`` (same rows in ``ref``), pooled over seeds."""
+        return self.pooled([(d, new[d], ref[d]) for d in new], seeds)
+
+    def pooled(self, groups: Sequence[tuple[str, Rows, Rows]], seeds: Sequence[int]) -> Estimate:
+        """One change pooled over ``(domain, new rows, ref rows)`` groups (several groups may share a domain:
+        they move with the same example weights)."""
         pn = pr = pt = 0.0
         bn, br, bt = (np.zeros(self.resamples) for _ in range(3))
-        for d, a in new.items():
-            b = ref[d]
+        for d, a, b in groups:
             if a.shape != b.shape:
                 raise ValueError(f"change on {d}: both models must be scored on the same examples")
             n1, t1, nb, tb = self.totals(a, d, seeds)
@@ -144,20 +148,20 @@ class Resampler:
         value = 100.0 * math.expm1((pn - pr) / pt)
         boot = _pct(bn - br, bt)
         if len(seeds) > 1:
-            boot = value + (boot - value) * self._seed_inflation(new, ref, seeds)
+            boot = value + (boot - value) * self._seed_inflation(groups, seeds)
         return Estimate(value, boot)
 
-    def _seed_inflation(self, new: Mapping[str, Rows], ref: Mapping[str, Rows], seeds: Sequence[int]) -> float:
+    def _seed_inflation(self, groups: Sequence[tuple[str, Rows, Rows]], seeds: Sequence[int]) -> float:
         """The small-sample correction of the seed level (module docstring)."""
         from scipy.stats import t as student_t
 
         W = self.seed_weights[:, list(seeds)]
-        diff_s = sum((new[d][:, :, 0] - ref[d][:, :, 0]).sum(axis=1) for d in new)  # (S,)
-        tok_s = sum(new[d][:, :, 1].sum(axis=1) for d in new)
+        diff_s = sum((a[:, :, 0] - b[:, :, 0]).sum(axis=1) for _, a, b in groups)  # (S,)
+        tok_s = sum(a[:, :, 1].sum(axis=1) for _, a, _ in groups)
         seed_only = _pct(W @ diff_s, W @ tok_s)
-        diff_e = sum((new[d][:, :, 0] - ref[d][:, :, 0]).sum(axis=0) @ self.example_weights[d][:, :new[d].shape[1]].T
-                     for d in new)
-        tok_e = sum(new[d][:, :, 1].sum(axis=0) @ self.example_weights[d][:, :new[d].shape[1]].T for d in new)
+        diff_e = sum((a[:, :, 0] - b[:, :, 0]).sum(axis=0) @ self.example_weights[d][:, :a.shape[1]].T
+                     for d, a, b in groups)
+        tok_e = sum(a[:, :, 1].sum(axis=0) @ self.example_weights[d][:, :a.shape[1]].T for d, a, _ in groups)
         ex_only = _pct(diff_e, tok_e)
         vs, ve = float(np.nanvar(seed_only)), float(np.nanvar(ex_only))
         if vs + ve <= 0:
@@ -168,5 +172,23 @@ class Resampler:
 
 
 def _pct(dnll: np.ndarray, tok: np.ndarray) -> np.ndarray:
+    """The change of each resample; NaN for a resample that drew no example (dropped from intervals)."""
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        return np.where(tok > 0, 100.0 * np.expm1(dnll / np.where(tok > 0, tok, 1.0)), 0.0)
+        return np.where(tok > 0, 100.0 * np.expm1(dnll / np.where(tok > 0, tok, 1.0)), np.nan)
+
+
+def paired_change(new: Sequence[Sequence[Sequence[float]]], ref: Sequence[Sequence[Sequence[float]]],
+                  resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> Interval:
+    """``100 * (PPL_new / PPL_ref - 1)`` of two models on the same examples, with its interval and p.
+
+    ``new[g][k] = (nll, tokens)`` of example ``k`` of group (domain) ``g``; ``ref`` the same examples under
+    the reference; each group is resampled with its own weights, both models with the same ones.
+    """
+    a = [np.asarray(g, dtype=np.float64).reshape(1, -1, 2) for g in new]
+    b = [np.asarray(g, dtype=np.float64).reshape(1, -1, 2) for g in ref]
+    if [x.shape for x in a] != [x.shape for x in b]:
+        raise ValueError("paired_change: both models must be scored on the same examples")
+    if not any(x.shape[1] for x in a):
+        return Interval(math.nan, math.nan, math.nan)
+    rs = Resampler({str(i): x.shape[1] for i, x in enumerate(a)}, 1, resamples, seed)
+    return rs.change({str(i): x for i, x in enumerate(a)}, {str(i): x for i, x in enumerate(b)}, [0]).interval()
