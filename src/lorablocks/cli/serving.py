@@ -127,7 +127,8 @@ def serve_cmd(
     settings = ServeSettings(blocks=str(blocks), model=model, host=host, port=port, api_key=api_key,
                              admin_key=admin_key, allowed_hosts=tuple(allowed_host or ()),
                              max_body_bytes=max_body_bytes, max_tokens_limit=max_tokens_limit,
-                             active=parse_active(active), workers=workers, queue=queue, cache_dir=str(cache_dir) if cache_dir else None)
+                             active=parse_active(active), workers=workers, queue=queue,
+                             cache_dir=str(cache_dir) if cache_dir else None)
     serving = []
 
     def announce(line: str) -> None:
