@@ -101,6 +101,15 @@ def test_serve_process_answers_and_stops_cleanly_on_ctrl_c(model_dir, blocks_dir
         assert state["active"] == [{"name": "math", "weight": 0.5}]
         r = httpx.post(url + "/completions", json={"prompt": "x", "max_tokens": 4, "temperature": 0}, timeout=30)
         assert r.status_code == 200 and r.json()["system_fingerprint"] == state["fingerprint"]
+        refused = [  # each one line in the server's log, none a traceback
+            httpx.post(url + "/completions", content=b'{"prompt": "\\ud800"}', timeout=30,
+                       headers={"content-type": "application/json"}),
+            httpx.post(url + "/blocks/math", headers={"host": "evil.example"}, timeout=30),
+            httpx.post(url + "/blocks/math", content=b"", headers={"content-type": "text/plain"}, timeout=30),
+            httpx.put(url + "/blocks", json={"active": [{"name": "corrupt"}]}, timeout=30),
+        ]
+        assert [r.status_code for r in refused] == [422, 421, 415, 422]
+        assert httpx.get(url + "/blocks", timeout=30).json()["active"] == state["active"]
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(timeout=60)
         err = proc.stderr.read()
@@ -109,4 +118,6 @@ def test_serve_process_answers_and_stops_cleanly_on_ctrl_c(model_dir, blocks_dir
             proc.kill()
             proc.wait(10)
     assert rc == 0, err
-    assert "stopped" in err and "Traceback" not in err
+    assert "stopped" in err and "Traceback" not in err and "Exception in ASGI" not in err
+    logged = [line for line in err.splitlines() if re.search(r" (WARNING|ERROR) \d{3} ", line)]
+    assert [re.search(r" (\d{3}) (POST|PUT) ", line).group(1) for line in logged] == ["422", "421", "415", "422"], err

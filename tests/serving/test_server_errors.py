@@ -208,3 +208,4 @@ def test_an_overflowing_weight_blames_that_blocks_weight(base):
     r = c.post("/v1/blocks/words", json={"weight": -1e30})
     assert r.status_code == 422 and r.json()["error"]["param"] == "weight"
     assert base.fingerprint == "base"
+
