@@ -76,13 +76,20 @@ def fits(r: StudyResult, files: dict) -> list[str]:
           "Paper level: joint change of each sum vs its merged-data adapter, one point per subset (seeds pooled). Fine "
           "level: each domain's change in each sum vs its single block, one point per sum and domain (seeds pooled). "
           "Fits within each block count k, and across sizes with k as a factor (partial Spearman rho; slope of "
-          "`y ~ x + factor(k)`); the pooled rows (k NOT controlled) are shown for reference only and never tested. "
-          "p: permutation of the domain labels, every predictor recomputed; intervals: the joint bootstrap over test "
-          "examples (conditional on these domains).", ""]
+          "`y ~ x + factor(k)`); the pooled rows (k NOT controlled) are shown for reference only and belong to no "
+          "family. p: permutation of the domain labels, every predictor recomputed; intervals: the joint bootstrap "
+          "over test examples (conditional on these domains).", ""]
+    made = [x for x in r.fits if x.rho is not None]
     rows = [[x.level, name(x.predictor), x.scope, str(x.n), ci_num(x.rho), ci_num(x.slope, 3), p(x.p), p(x.p_adj),
-             x.note or ("exploratory" if x.family and "exploratory" in x.family else "")] for x in r.fits]
+             x.note or ("exploratory" if x.family and "exploratory" in x.family else "")] for x in made]
     md += [table(["level", "predictor", "scope", "points", "rho [95 %]", "slope [95 %]", "permutation p", "Holm p",
                   "note"], rows), ""]
+    skipped = {}
+    for x in r.fits:
+        if x.rho is None:
+            skipped.setdefault(f"{x.level} level, {x.scope}", x.note)
+    if skipped:
+        md += ["No fit: " + "; ".join(f"{where} ({why})" for where, why in skipped.items()) + ".", ""]
     for c in r.comparisons:
         md += [f"Size-controlled comparison: |partial rho| of {name(c['a'])} minus {name(c['b'])}: "
                f"{ci_num(c['difference'])} (bootstrap p {p(c['difference'].p)}, Holm p {p(c['difference'].p_adj)}).", ""]
