@@ -92,3 +92,30 @@ def test_should_stop_ends_generation_early(tiny):
     model, tok = tiny
     chunks = list(generate_stream(model, tok, [1, 2, 3], SamplingParams(max_new_tokens=50), should_stop=lambda: True))
     assert chunks[-1].finish_reason == "length" and chunks[-1].tokens == 0
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-45])
+def test_a_tiny_temperature_is_the_greedy_limit_never_nan(tiny, temperature):
+    from lorablocks.serving.generation import _next_token
+
+    model, tok = tiny
+    ids = encode_prompt(tok, "The quick brown fox", "raw")
+    greedy = generate_text(model, tok, ids, SamplingParams(max_new_tokens=8))[0]
+    for top_p in (1.0, 0.9):
+        params = SamplingParams(max_new_tokens=8, temperature=temperature, top_p=top_p, seed=1)
+        assert generate_text(model, tok, ids, params)[0] == greedy
+    tied = torch.tensor([0.5, 3.0, -1.0, 3.0])  # a tie at the top: one of the two, each about half the time
+    picks = {_next_token(tied, SamplingParams(temperature=temperature), torch.Generator().manual_seed(s))
+             for s in range(32)}
+    assert picks == {1, 3}
+
+
+def test_the_context_blames_the_prompt_when_it_alone_fills_it(tiny):
+    model, _ = tiny
+    with pytest.raises(RequestError, match="the prompt is 512 tokens, too long for the model's context of 512") as e:
+        check_length(model, 512, 1)
+    assert e.value.setting is None
+    with pytest.raises(RequestError, match="max_new_tokens 20 does not fit.*leaves room for 12") as e:
+        check_length(model, 500, 20)
+    assert e.value.setting == "max_new_tokens"
+    check_length(model, 500, 12)
