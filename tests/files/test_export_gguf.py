@@ -222,6 +222,15 @@ def test_cli_gguf_and_force_replaces_only_its_own(tmp_path, llama_dir, capsys):
     assert foreign.read_bytes() == b"GGUF not ours"
 
 
+def test_cli_never_writes_over_an_input(tmp_path, llama_dir, capsys):
+    a = make_peft_adapter("llama", tmp_path / "a", seed=9)
+    before = {p.name: p.read_bytes() for p in a.iterdir()}
+    for out in (a, a / "adapter_model.safetensors"):
+        code, err = run(["export", a, "--format", "gguf", "--model", llama_dir, "--out", out, "--force"], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert {p.name: p.read_bytes() for p in a.iterdir()} == before
+
+
 @pytest.mark.parametrize("case", ["gpt2-adapter", "gpt2-model", "bad-format", "missing", "hub-model", "no-base-gguf"])
 def test_cli_bad_inputs_one_line_exit_2(tmp_path, tiny_model_dirs, capsys, case):
     llama = make_peft_adapter("llama", tmp_path / "a", seed=7)
@@ -238,3 +247,14 @@ def test_cli_bad_inputs_one_line_exit_2(tmp_path, tiny_model_dirs, capsys, case)
     assert code == 2, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_cli_recorded_base_model_is_checked(tmp_path, llama_dir, capsys):
+    a = make_peft_adapter("llama", tmp_path / "a", seed=10)
+    cfg = json.loads((a / "adapter_config.json").read_text())
+    (a / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "someone/other-model"}))
+    argv = ["export", a, "--format", "gguf", "--model", llama_dir, "--out", tmp_path / "a.gguf"]
+    code, err = run(argv, capsys)
+    assert code == 2 and "--allow-base-mismatch" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "a.gguf").exists()
+    assert run([*argv, "--allow-base-mismatch"], capsys)[0] == 0

@@ -106,6 +106,14 @@ def test_cli_prints_the_vllm_serve_line(tmp_path, capsys):
     assert out.strip() == f"vllm serve MODEL --enable-lora --max-lora-rank 8 --lora-modules math-vllm={tmp_path / 'math-vllm'}"
 
 
+def test_cli_never_writes_over_its_input(tmp_path, capsys):
+    a = make_peft_adapter("llama", tmp_path / "a", seed=8)
+    before = {p.name: p.read_bytes() for p in a.iterdir()}
+    code, _, err = run(["export", a, "--format", "vllm", "--out", a, "--force"], capsys)
+    assert code == 2 and "input" in err and len(err.strip().splitlines()) == 1, err
+    assert {p.name: p.read_bytes() for p in a.iterdir()} == before
+
+
 @pytest.mark.parametrize("case", ["gpt2", "lm_head", "rank-12", "model-flag", "exists"])
 def test_cli_refusals_one_line_exit_2(tmp_path, capsys, case):
     llama = make_peft_adapter("llama", tmp_path / "a", seed=5)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from lorablocks.cli.app import app, console
-from lorablocks.cli.options import ForceOpt
+from lorablocks.cli.options import AllowBaseOpt, ForceOpt
 from lorablocks.errors import LoraBlocksError
 
 FORMATS = ("gguf", "gguf-model", "vllm")
@@ -19,17 +19,19 @@ def export_cmd(
     adapter: Annotated[Path, typer.Argument(help="Adapter folder: a block, or a composition written by combine.")],
     fmt: Annotated[str, typer.Option("--format", help="gguf (llama.cpp LoRA adapter), gguf-model (merged full model GGUF) or vllm (PEFT folder vLLM serves as is).")],
     out: Annotated[Path, typer.Option("--out", help="Output: a .gguf file, or a folder for vllm.")],
-    model: Annotated[Optional[str], typer.Option("--model", help="gguf/gguf-model: the Llama base model (built-in name or local folder) [smollm2-135m].")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="gguf/gguf-model: the Llama base model (built-in name or local folder) [the adapter's recorded base, else smollm2-135m].")] = None,
     outtype: Annotated[Optional[str], typer.Option("--outtype", help="gguf: f32 [default] or f16; gguf-model: f16 [default] or f32.")] = None,
     base_gguf: Annotated[Optional[Path], typer.Option("--base-gguf", help="gguf-model: a GGUF of the same base model whose tokenizer and metadata are copied (built-in models have their own).")] = None,
     max_lora_rank: Annotated[int, typer.Option("--max-lora-rank", help="vllm: the rank cap vLLM is started with (8, 16, 32, 64, ...); higher ranks are truncated, error reported.")] = 16,
+    allow_base_mismatch: AllowBaseOpt = False,
     force: ForceOpt = False,
 ) -> None:
     """Export a block or composition to another engine: llama.cpp (GGUF) or vLLM (PEFT folder)."""
     if fmt not in FORMATS:
         raise LoraBlocksError(f"must be one of {', '.join(FORMATS)}, got {fmt!r}", setting="format")
     if fmt == "vllm":
-        unused = [f for f, v in (("--model", model), ("--outtype", outtype), ("--base-gguf", base_gguf)) if v]
+        unused = [f for f, v in (("--model", model), ("--outtype", outtype), ("--base-gguf", base_gguf),
+                                 ("--allow-base-mismatch", allow_base_mismatch)) if v]
         if unused:
             raise LoraBlocksError(f"{unused[0]} is for the gguf formats only")
         _export_vllm(adapter, out, max_lora_rank, force)
@@ -38,14 +40,15 @@ def export_cmd(
         raise LoraBlocksError("--base-gguf is for --format gguf-model only")
     from lorablocks.files.export_gguf import export_adapter_gguf, export_model_gguf
 
-    spec = model or "smollm2-135m"
     if fmt == "gguf":
-        result = export_adapter_gguf(adapter, out, model=spec, outtype=outtype or "f32", force=force)
+        result = export_adapter_gguf(adapter, out, model=model, outtype=outtype or "f32",
+                                     allow_base_mismatch=allow_base_mismatch, force=force)
         console.print(f"wrote llama.cpp LoRA adapter [bold]{out}[/bold] ({result.outtype}): {result.modules} modules, "
                       f"adapter.lora.alpha {result.alpha:g}; fingerprint {result.fingerprint[:19]}", highlight=False, soft_wrap=True)
         console.print(f"use: llama-cli -m BASE.gguf --lora {out}   (or --lora-scaled {out} SCALE)", highlight=False, soft_wrap=True)
         return
-    result = export_model_gguf(adapter, out, model=spec, outtype=outtype or "f16", base_gguf=base_gguf, force=force,
+    result = export_model_gguf(adapter, out, model=model, outtype=outtype or "f16", base_gguf=base_gguf,
+                               allow_base_mismatch=allow_base_mismatch, force=force,
                                log=lambda message: console.print(message, highlight=False, soft_wrap=True))
     console.print(f"wrote merged model GGUF [bold]{out}[/bold] ({result.outtype}): {result.tensors} tensors, "
                   f"{result.modules} modules changed; fingerprint {result.fingerprint[:19]}", highlight=False, soft_wrap=True)

@@ -34,13 +34,13 @@ import numpy as np
 import torch
 
 from lorablocks.core.algebra import LowRank
-from lorablocks.errors import LoraBlocksError, ModelError, NonFiniteError, ShapeMismatchError, UnsupportedAdapterError
+from lorablocks.errors import BaseModelMismatchError, LoraBlocksError, ModelError, NonFiniteError, ShapeMismatchError, UnsupportedAdapterError
 from lorablocks.files.adapters import RECORD_NAME, AdapterFile, open_adapter
 from lorablocks.files.llama_gguf import LlamaLayout, read_layout
 from lorablocks.files.outputs import OutputRefusedError, atomic_file, check_output_free, utc_now, versions
 
 __all__ = ["GgufExport", "OUTTYPES", "export_adapter_gguf", "export_model_gguf", "local_model_folder",
-           "source_record", "gguf_record"]
+           "base_model_for", "source_record", "gguf_record"]
 
 #: ``--outtype`` -> numpy dtype of 2-D tensors
 OUTTYPES: dict[str, Any] = {"f32": np.float32, "f16": np.float16}
@@ -69,6 +69,21 @@ def local_model_folder(spec: str) -> Path:
         raise ModelError(f"model {spec!r} is not a local folder; export needs a local model folder or a "
                          "built-in model name", setting="model")
     return found
+
+
+def base_model_for(file: AdapterFile, model: str | None, allow_base_mismatch: bool = False) -> str:
+    """The model an adapter is exported against: ``model``, else the base its config records when that is a
+    built-in model or a local folder, else the default model; a recorded base of another name is refused."""
+    from lorablocks.model.models import BUILTIN_MODELS, DEFAULT_MODEL, same_base_model
+
+    recorded = file.base_model
+    if model is None:
+        builtin = [n for n, b in BUILTIN_MODELS.items() if recorded in (n, *b.aliases)]
+        model = builtin[0] if builtin else recorded if recorded and Path(recorded).is_dir() else DEFAULT_MODEL
+    if not allow_base_mismatch and not same_base_model(recorded, model):
+        raise BaseModelMismatchError(f"{file.path} was trained on {recorded}, not {model}",
+                                     setting="allow_base_mismatch")
+    return model
 
 
 def source_record(file: AdapterFile) -> dict[str, Any]:
@@ -161,14 +176,15 @@ def _stored_alpha(delta: Mapping[str, LowRank]) -> float:
     return float(max(counts, key=lambda r: (counts[r], r)))
 
 
-def export_adapter_gguf(adapter: str | os.PathLike, out: str | os.PathLike, *, model: str,
-                        outtype: str = "f32", force: bool = False) -> GgufExport:
+def export_adapter_gguf(adapter: str | os.PathLike, out: str | os.PathLike, *, model: str | None = None,
+                        outtype: str = "f32", allow_base_mismatch: bool = False, force: bool = False) -> GgufExport:
     """Write the adapter folder ``adapter`` (a block or a composition) as a llama.cpp LoRA adapter GGUF
-    for the Llama model ``model`` (a local folder or built-in name: its config gives the head counts)."""
+    for the Llama model ``model`` (a local folder or built-in name, see :func:`base_model_for`: its config
+    gives the head counts)."""
     dtype = _outtype(outtype)
     out, file = Path(out), open_adapter(adapter)
     _check_output(out, force, [file.path])
-    model_dir = local_model_folder(model)
+    model_dir = local_model_folder(base_model_for(file, model, allow_base_mismatch))
     layout = read_layout(model_dir)
     names = {m: layout.module_tensor(m) for m in file.modules}
     _check_fits(file, model_dir)
@@ -282,8 +298,9 @@ def _gguf_tensors(state: Mapping[str, torch.Tensor], layout: LlamaLayout, wanted
     return found
 
 
-def export_model_gguf(adapter: str | os.PathLike, out: str | os.PathLike, *, model: str, outtype: str = "f16",
-                      base_gguf: str | os.PathLike | None = None, force: bool = False,
+def export_model_gguf(adapter: str | os.PathLike, out: str | os.PathLike, *, model: str | None = None,
+                      outtype: str = "f16", base_gguf: str | os.PathLike | None = None,
+                      allow_base_mismatch: bool = False, force: bool = False,
                       log: Callable[[str], None] = lambda message: None) -> GgufExport:
     """Write ``model`` with the adapter merged in as a full llama.cpp model GGUF (``outtype`` f16 or f32);
     tensor names, order, metadata and tokenizer follow ``base_gguf`` (default: the built-in model's GGUF).
@@ -292,6 +309,7 @@ def export_model_gguf(adapter: str | os.PathLike, out: str | os.PathLike, *, mod
 
     dtype = _outtype(outtype)
     out, file = Path(out), open_adapter(adapter)
+    model = base_model_for(file, model, allow_base_mismatch)
     ref = _reference_gguf(model, base_gguf)
     _check_output(out, force, [file.path, ref])
     model_dir = local_model_folder(model)
