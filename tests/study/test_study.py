@@ -303,3 +303,19 @@ def test_analyse_names_missing_per_example_scores(full_run, tmp_path, capsys):
     assert _run(["analyse", out]) == 2
     assert "no per-example scores for sum:math+words" in capsys.readouterr().err
     assert (out / "report.md").read_text() == report  # nothing half-written
+
+
+def test_analyse_of_a_study_probed_before_pair_energies_says_what_is_missing(full_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(full_run, out)
+    for p in (out / "cache" / "probes").glob("*.json"):
+        rec = json.loads(p.read_text())
+        rec.pop("energy"), rec.pop("tokens")
+        p.write_text(json.dumps(rec))
+    assert _run(["analyse", out]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert "foreign_energy" not in res["fit_points"]["fine"]["x"] and "function_mean" in res["fit_points"]["fine"]["x"]
+    assert "pair energies" in res["inference"]["missing"]
+    assert "Missing: foreign_energy" in (out / "report.md").read_text()
