@@ -177,23 +177,33 @@ def _fits(result: StudyResult, ch: _Changes, cfg: StudyConfig, mats, names, inp:
     """Both levels' fits, the points they are made of, and the size-controlled predictor comparisons."""
     doms = list(cfg.domains)
     seed_w = ch.rs.seed_weights if len(cfg.seeds) > 1 else None
+    primary = primary_predictors(names)
     levels = {"paper": _paper_points(ch, cfg, inp.sums, inp.merged_sets), "fine": _fine_points(ch, cfg, inp.sums)}
     for level, points in levels.items():
         if not points:
             continue
         data = fit_data(points, mats, names, len(doms), seed_w, cfg.analysis.bootstrap_seed)
-        result.fits += fit_family(data, level)
+        result.fits += fit_family(data, level, primary)
         result.fit_points[level] = {"labels": data.labels, "y": data.y.tolist(), "k": data.k.tolist(),
                                     "x": {n: v.tolist() for n, v in data.x.items()}}
         if level == "fine":
             result.fine = [FinePoint(tuple(doms[i] for i in p.subset), doms[p.domain], p.change.interval(),
                                      {n: float(data.x[n][j]) for n in names}) for j, p in enumerate(points)]
-            comps = {f"{a} vs weight_rms": compare(data, a, "weight_rms") for a in names
-                     if a.startswith(("function", "foreign"))}
-            comps = adjust({k: v for k, v in comps.items() if v is not None},
-                           "fine level: |partial rho| (k as a factor) of each function predictor minus weight_rms's")
-            result.comparisons = [{"name": k, "a": k.split(" vs ")[0], "b": "weight_rms", "difference": v}
-                                  for k, v in comps.items()]
+            comps = {a: compare(data, a, "weight_rms") for a in names if a.startswith(("function", "foreign"))}
+            comps = {a: v for a, v in comps.items() if v is not None}
+            what = "fine level, |partial rho| (k as a factor) minus weight_rms's"
+            fams = {f"{what}: the primary function predictor": {a: v for a, v in comps.items() if a in primary},
+                    f"{what}: other function predictors (exploratory)": {a: v for a, v in comps.items() if a not in primary}}
+            for fam, group in fams.items():
+                result.comparisons += [{"name": f"{a} vs weight_rms", "a": a, "b": "weight_rms", "primary": a in primary,
+                                        "difference": v} for a, v in adjust(group, fam).items()]
+
+
+def primary_predictors(names: Sequence[str]) -> list[str]:
+    """The predictors named before looking at the data: the paper's weight RMS cosine, and the function overlap
+    that keeps the cross terms (the foreign energy) or, without the probe's pair energies, the mean I."""
+    function = "foreign_energy" if "foreign_energy" in names else "function_mean"
+    return [n for n in ("weight_rms", function) if n in names]
 
 
 def _degradation(ch: _Changes, cfg: StudyConfig, sums) -> list[DegradationPoint]:
@@ -337,7 +347,8 @@ def _inference_notes(cfg: StudyConfig, overlap: Mapping, names: Sequence[str]) -
                        "claims about a method need several seeds"),
              "fit_p_value": (f"permutation of the {n} domain labels, every predictor recomputed from the permuted overlap "
                              f"matrices ({'all ' + str(perms) if perms <= 5040 else '9,999 random'} permutations)"),
-             "multiplicity": "Holm within each family (named with each test)", "predictors": list(names)}
+             "multiplicity": "Holm within each family (named with each test)", "predictors": list(names),
+             "primary_predictors": primary_predictors(names)}
     if not overlap.get("energy_available"):
         notes["missing"] = ("foreign_energy and foreign_cosine need the probe's pair energies, which these probe records "
                             "do not hold (probed before they were stored, or probing off); run the study again to probe")

@@ -28,7 +28,7 @@ import numpy as np
 
 from lorablocks.study.resample import Interval, bootstrap_p
 
-__all__ = ["MIN_POINTS", "FitData", "FitStats", "domain_permutations", "fit_family", "compare", "holm",
+__all__ = ["MIN_POINTS", "FitData", "FitStats", "domain_permutations", "fit_family", "family_floor", "compare", "holm",
            "spearman", "partial_spearman", "controlled_slope"]
 
 #: Fewer points than this get no fit: a correlation of 3 points means nothing.
@@ -131,6 +131,7 @@ class FitStats:
     p_adj: float | None = None
     family: str | None = None
     note: str = ""
+    p_floor: float | None = None
 
     @property
     def significant(self) -> bool:
@@ -183,13 +184,13 @@ def _fit_one(data: FitData, name: str, sel: np.ndarray, kind: str, level: str, s
         lo, hi = np.percentile(b, [2.5, 97.5])
         return Interval(point, float(lo), float(hi))
     return FitStats(level, name, scope, kind != "pooled", int(sel.sum()), iv(rho, brho), iv(slope, bslope),
-                    None if not math.isfinite(rho) else float(p), how, note=note)
+                    None if not math.isfinite(rho) else float(p), how, note=note, p_floor=p_min)
 
 
-def fit_family(data: FitData, level: str) -> list[FitStats]:
+def fit_family(data: FitData, level: str, primary: Sequence[str] | None = None) -> list[FitStats]:
     """Every predictor's fits: across sizes with k controlled, within each block count, and pooled (k not
-    controlled, for reference, never tested). Two Holm families: the k-controlled fits across sizes (one per
-    predictor; with a single size, the fits at that size), and the within-k fits (exploratory)."""
+    controlled, for reference, in no family). Two Holm families: the ``primary`` predictors' k-controlled fits
+    (across sizes; with a single size, at that size), and everything else tested (exploratory)."""
     out: list[FitStats] = []
     sizes = sorted(set(int(v) for v in data.k))
     every = np.ones(len(data.y), dtype=bool)
@@ -200,17 +201,23 @@ def fit_family(data: FitData, level: str) -> list[FitStats]:
             out.append(_fit_one(data, name, data.k == size, "within", level, f"k = {size}"))
         if len(sizes) > 1:
             out.append(_fit_one(data, name, every, "pooled", level, "all sizes, k NOT controlled"))
-    several = len(sizes) > 1
-    families = {f"{level} level, k controlled across sizes (one test per predictor)":
-                [f for f in out if f.scope == "all sizes, k controlled"] if several else
-                [f for f in out if f.scope.startswith("k = ")],
-                f"{level} level, within each block count (exploratory)":
-                [f for f in out if f.scope.startswith("k = ")] if several else []}
+    primary = list(data.x) if primary is None else [n for n in primary if n in data.x]
+    main = [f for f in out if (f.scope == "all sizes, k controlled" if len(sizes) > 1 else f.scope.startswith("k = "))]
+    families = {f"{level} level, primary predictors ({', '.join(primary)}), k controlled":
+                [f for f in main if f.predictor in primary],
+                f"{level} level, other predictors and within-k fits (exploratory)":
+                [f for f in out if f.k_controlled and not (f in main and f.predictor in primary)]}
     for family, fits in families.items():
         tested = [f for f in fits if f.p is not None and not f.note]
         for f, adj in zip(tested, holm([f.p for f in tested])):
             f.p_adj, f.family = adj, family
     return out
+
+
+def family_floor(fits: Sequence[FitStats], family: str) -> float | None:
+    """The smallest Holm-adjusted p the family's tests can reach (its size times their smallest p)."""
+    members = [f for f in fits if f.family == family and f.p_floor is not None]
+    return min(1.0, len(members) * min(f.p_floor for f in members)) if members else None
 
 
 def compare(data: FitData, a: str, b: str) -> Interval | None:

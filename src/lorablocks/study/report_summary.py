@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lorablocks.study.inference import family_floor
 from lorablocks.study.report_format import ci, ci_num, f, mean, name, p, verdict
 from lorablocks.study.results import StudyResult
 
@@ -57,8 +58,9 @@ def _predictors(r: StudyResult) -> list[str]:
             bits.append(f"across sizes with k controlled ({ctrl.n} points) partial rho {ci_num(ctrl.rho, 2)}, "
                         f"permutation p {p(ctrl.p)}, Holm p {p(ctrl.p_adj)}"
                         + (f" ({ctrl.note})" if ctrl.note else "") if ctrl.rho else f"k controlled: {ctrl.note}")
-        lines.append(f"- Fine fit vs {name(pred)}: " + "; ".join(bits) + ".")
-    for c in r.comparisons:
+        tag = "primary" if pred in r.inference.get("primary_predictors", []) else "exploratory"
+        lines.append(f"- Fine fit vs {name(pred)} ({tag}): " + "; ".join(bits) + ".")
+    for c in [c for c in r.comparisons if c.get("primary")]:
         iv = c["difference"]
         if iv.significant:
             stronger = name(c["a"]) if iv.value > 0 else name(c["b"])
@@ -66,8 +68,15 @@ def _predictors(r: StudyResult) -> list[str]:
                      "(the interval covers test examples, not other domains)")
         else:
             words = "neither predicts clearly better once k is controlled"
-        lines.append(f"- Size-controlled comparison, |partial rho| of {name(c['a'])} minus {name(c['b'])}: "
+        lines.append(f"- Size-controlled comparison (primary), |partial rho| of {name(c['a'])} minus {name(c['b'])}: "
                      f"{ci_num(iv, 2)} (Holm p {p(iv.p_adj)}): {words}.")
+    for level in ("paper", "fine"):
+        fam = next((x.family for x in r.fits if x.level == level and x.family and "primary" in x.family), None)
+        floor = family_floor(r.fits, fam) if fam else None
+        if floor is not None and floor > 0.05:
+            lines.append(f"- With {len(r.domains)} domains the {level}-level primary family ({fam}) cannot reach "
+                         f"0.05 after Holm (its smallest attainable adjusted p is {floor:.3f}): those fits are "
+                         "descriptive; more domains are needed for a test.")
     pooled = [x for x in fine if not x.k_controlled and x.rho]
     if pooled:
         lines.append("- Not evidence: pooled over sizes with k NOT controlled, rho is "
