@@ -271,3 +271,47 @@ def test_files_and_folders_are_fsynced_before_the_move(tmp_path, monkeypatch):
     synced.clear()
     write_json(tmp_path / "x.json", {})
     assert any(".x.json.tmp-" in s for s in synced) and synced[-1] == str(tmp_path)
+
+
+# --- inputs the running command has read (issue 14) ------------------------------------------------------
+
+
+def test_no_output_is_holds_or_lies_inside_an_input_read(tmp_path):
+    from lorablocks.files.outputs import check_not_input, note_input, reading_inputs
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "w.safetensors").write_bytes(b"weights")
+    data = tmp_path / "x.jsonl"
+    data.write_text("{}\n")
+    note_input(adapter)  # outside a command: nothing is recorded
+    with atomic_file(tmp_path / "free.json") as fh:
+        fh.write("{}")
+    with reading_inputs():
+        note_input(adapter)
+        note_input(data)
+        for path, why in ((adapter / "w.safetensors", "inside the input"), (data, "is the input"),
+                          (adapter / "new.json", "inside the input")):
+            with pytest.raises(OutputRefusedError, match=why):
+                with atomic_file(path, force=True) as fh:
+                    fh.write("replaced")
+        with pytest.raises(OutputRefusedError, match="holds the input"):
+            check_not_input(tmp_path)
+        with pytest.raises(OutputRefusedError, match="is the input"):
+            check_output_free(adapter, force=True, kind="adapter")
+        write_json(tmp_path / "elsewhere.json", {"ok": 1})  # not an input: written
+    assert (adapter / "w.safetensors").read_bytes() == b"weights" and data.read_text() == "{}\n"
+    assert sorted(os.listdir(adapter)) == ["w.safetensors"]
+    with atomic_file(adapter / "new.json") as fh:  # the command is over: its inputs are forgotten
+        fh.write("{}")
+
+
+def test_nothing_is_moved_into_place_after_an_interrupt(tmp_path, monkeypatch):
+    monkeypatch.setattr(outputs, "_INTERRUPTED", False)
+    assert not outputs.writing()
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(tmp_path / "out") as tmp:
+            assert outputs.writing()
+            (tmp / "f").write_text("x")
+            outputs.note_interrupt()  # Ctrl-C, and the KeyboardInterrupt swallowed by a library
+    assert os.listdir(tmp_path) == [] and not outputs.writing()

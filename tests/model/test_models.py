@@ -223,3 +223,21 @@ def test_default_model_few_steps_lower_training_loss(default_model, tmp_path):
     after = evaluate_perplexity(model, es, load_adapter(res.adapter).delta).domains["math"].mean_nll
     assert after < before - 0.05, (before, after)
     assert res.record["loss_curve"][-1]["loss"] < res.record["loss_curve"][0]["loss"]
+
+
+def test_pickled_weights_are_refused_before_loading(tmp_path, tiny_model_dirs):
+    """A folder whose weights are ``pytorch_model.bin`` is refused without unpickling it (issue 14)."""
+    import pickle
+
+    from lorablocks.model.models import check_model_folder
+
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    for f in tiny_model_dirs["gpt2"].iterdir():
+        if f.suffix != ".safetensors":
+            (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"weights": [1, 2]}))
+    for load in (check_model_folder, resolve_model, load_model):
+        with pytest.raises(ModelError, match="pickled pytorch_model.bin"):
+            load(str(folder))
+    assert check_model_folder(tiny_model_dirs["gpt2"]) == tiny_model_dirs["gpt2"]

@@ -26,6 +26,7 @@ def study_cmd(
     """Train per-domain adapters, sum them, compare with merged-data training, fit change vs overlap, unlearn.
 
     --out is resumed when it holds a lorablocks study and refused when it holds anything else."""
+    from lorablocks.files.outputs import check_not_input
     from lorablocks.study.report import write_report
     from lorablocks.study.config import load_config
     from lorablocks.study.pipeline import run_study
@@ -38,6 +39,7 @@ def study_cmd(
     if config is None and preset is None:
         preset = "quick"
     cfg = load_config(config, preset=preset, overrides=overrides)
+    check_not_input(out, [p for p in (config, data) if p is not None])  # before any work: out never holds an input
     console.print(f"study: model {cfg.model}, domains {', '.join(cfg.domains)}, seeds {cfg.seeds}, out {out}",
                   highlight=False)
     result = run_study(cfg, data, out, cache_dir=cache_dir, threads=threads or None,
@@ -58,6 +60,7 @@ def analyse_cmd(
     import time
 
     from lorablocks.study.reanalyse import reanalyse
+    from lorablocks.files.outputs import check_not_input
     from lorablocks.study.report import write_report
 
     t0 = time.perf_counter()

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from lorablocks.errors import DataError
+from lorablocks.files.outputs import note_input
 from lorablocks.files.outputs import sha256_path
 
 __all__ = [
@@ -134,6 +135,7 @@ def read_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[Exampl
             out.append(_parse_line(obj, path, lineno))
     if not out:
         raise DataError(f"{path} holds no examples")
+    note_input(path)  # an input of the running command: no output of it may replace it
     return out
 
 
