@@ -1,5 +1,11 @@
-"""The server's request bodies (OpenAI's fields that matter here; others are ignored, as OpenAI clients send
-many) and the OpenAI response and stream-chunk objects."""
+"""The server's request bodies (OpenAI's fields that matter here) and the OpenAI response and stream-chunk
+objects.
+
+As OpenAI clients expect: ``null`` for an optional field means its default; fields that do not change the
+answer (``user``, ``metadata``, ...) are ignored; a field that would change it and is not supported here
+(``logprobs``, ``tools``, penalties, ...) is refused (400) unless it holds its neutral value, never silently
+ignored. Chat history may hold ``tool`` messages and assistant messages with ``content: null``.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from lorablocks.serving.errors import RequestError
@@ -31,8 +37,32 @@ def _unicode(text: str) -> str:
 Text = Annotated[str, AfterValidator(_unicode)]
 
 
+def _neutral(value: Any, *neutral: Any) -> bool:
+    return value is None or value is False or any(value == n and type(value) is type(n) for n in neutral)
+
+
+#: fields that would change the answer, are not supported, and the values that leave it unchanged
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "logprobs": (), "top_logprobs": (0,), "best_of": (1,), "echo": (), "suffix": ("",), "logit_bias": ({},),
+    "tools": ([],), "functions": ([],), "tool_choice": ("none",), "function_call": ("none",),
+    "response_format": ({"type": "text"},), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
+    "repetition_penalty": (1, 1.0), "top_k": (0, -1), "min_p": (0, 0.0), "min_tokens": (0,), "audio": (),
+    "prediction": (), "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
+}
+
+
+def _defaults_for_nulls(cls: type[BaseModel], data: Any) -> Any:
+    """``null`` for an optional field: its default (OpenAI's clients send them); a required one stays an error."""
+    if not isinstance(data, dict):
+        return data
+    fields = cls.model_fields
+    return {k: v for k, v in data.items() if v is not None or (k in fields and fields[k].is_required())}
+
+
 class _OpenAIRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # kept to refuse what would change the answer (UNSUPPORTED)
+
+    _nulls = model_validator(mode="before")(classmethod(_defaults_for_nulls))
 
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(None, ge=1)
@@ -46,6 +76,13 @@ class _OpenAIRequest(BaseModel):
 
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
+
+    def check_supported(self) -> None:
+        """Refuse a field that would change the answer and is not supported (unless it holds its neutral value)."""
+        for name, value in (self.model_extra or {}).items():
+            if name in UNSUPPORTED and not _neutral(value, *UNSUPPORTED[name]):
+                raise RequestError(f"{name} is not supported by this server (it would change the answer); leave it "
+                                   "out or null", setting=name)
 
 
 class CompletionRequest(_OpenAIRequest):
@@ -62,12 +99,22 @@ class _TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
+    """One message of the history; ``tool_calls``, ``name``, ``tool_call_id`` are not shown to the model."""
+
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Union[Text, list[_TextPart]]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Optional[Union[Text, list[_TextPart]]] = None
+
+    @model_validator(mode="after")
+    def _content(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content (only an assistant's may be null)")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
@@ -115,6 +162,7 @@ class PostBlock(BaseModel):
 
 def sampling_params(req: _OpenAIRequest, max_tokens: Optional[int], default: int, limit: int) -> SamplingParams:
     """The request's sampling settings, checked against this server's limit."""
+    req.check_supported()
     if req.n != 1:
         raise RequestError(f"n must be 1 (one completion per request), got {req.n}", setting="n")
     n = default if max_tokens is None else max_tokens

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import torch
 
+from lorablocks.errors import one_line
 from lorablocks.serving.errors import RequestError
 
 __all__ = ["SamplingParams", "Chunk", "PromptMode", "encode_prompt", "encode_chat", "generate_stream",
@@ -86,11 +87,22 @@ def encode_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[i
     followed by ``assistant:``.
     """
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([dict(m) for m in messages], add_generation_prompt=True,
-                                             tokenize=False)
+        text = _render_chat(tokenizer, messages)
         return _encode(tokenizer, text, special=False)  # the template already holds the special tokens
     text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
     return _encode(tokenizer, text, special=True)
+
+
+def _render_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> str:
+    """The chat template's text; a template that refuses the messages (roles out of order, a role it does not
+    know: its ``raise_exception``) is a :class:`RequestError` naming the messages."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template([dict(m) for m in messages], add_generation_prompt=True, tokenize=False)
+    except (TemplateError, ValueError, TypeError, KeyError, IndexError) as exc:
+        raise RequestError(f"the model's chat template refuses these messages: {one_line(exc)}",
+                           setting="messages") from None
 
 
 def encode_prompt(tokenizer: Any, prompt: str, mode: PromptMode = "auto") -> list[int]:

@@ -86,7 +86,8 @@ def validation_message(errors: Sequence[Any]) -> tuple[int, str, str | None]:
         return 422, "the request needs a JSON object body", None
     fields = {tuple(str(p) for p in e.get("loc", ())[:2]) for e in errors}
     more = f" (and {len(fields) - 1} more invalid fields)" if len(fields) > 1 else ""
-    return 422, f"{field_name or 'request body'}: {first.get('msg', 'invalid')}{more}", field_name
+    message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    return 422, f"{field_name or 'request body'}: {message}{more}", field_name
 
 
 def _is_branch(part: Any) -> bool:
