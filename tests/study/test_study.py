@@ -319,3 +319,21 @@ def test_analyse_of_a_study_probed_before_pair_energies_says_what_is_missing(ful
     assert "foreign_energy" not in res["fit_points"]["fine"]["x"] and "function_mean" in res["fit_points"]["fine"]["x"]
     assert "pair energies" in res["inference"]["missing"]
     assert "Missing: foreign_energy" in (out / "report.md").read_text()
+
+
+def test_analyse_of_a_study_stopped_before_its_report_reads_the_newest_cache(setup, full_run, tmp_path, capsys):
+    import shutil
+
+    root, cfg = setup
+    out = tmp_path / "out"
+    shutil.copytree(full_run, out)
+    want = _numbers(out)
+    for name in ("report.md", "results.json", "config.yaml"):
+        (out / name).unlink()
+    assert _run(["analyse", out]) == 2  # no config to read: say so
+    assert "name the study's config or preset" in " ".join(capsys.readouterr().err.split())
+    assert _run(["analyse", out, cfg]) == 0
+    got = _numbers(out)
+    for key in ("subsets", "fits", "fine", "degradation", "unlearning", "comparisons"):
+        assert got[key] == want[key], key
+    assert "no results.json" in got["inference"]["inputs"]

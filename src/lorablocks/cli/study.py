@@ -53,18 +53,21 @@ def study_cmd(
 @app.command("analyse")
 def analyse_cmd(
     study_dir: Annotated[Path, typer.Argument(help="A lorablocks study folder (the --out of `lorablocks study`).")],
+    config: Annotated[Optional[Path], typer.Argument(help="The study's config (YAML), only for a study stopped before its report wrote config.yaml.")] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", help="The study's preset, only for a study stopped before its report wrote config.yaml.")] = None,
 ) -> None:
-    """Re-run the analysis of a finished study from its cache and rewrite its report (seconds; no model, no data).
+    """Re-run the analysis of a study from its cache and rewrite its report (seconds; no model, no data).
 
     Rewrites report.md, results.json, results.csv and the plots, each atomically; only in a lorablocks study folder."""
     import time
 
+    from lorablocks.study.config import load_config
     from lorablocks.study.reanalyse import reanalyse
-    from lorablocks.files.outputs import check_not_input
     from lorablocks.study.report import write_report
 
     t0 = time.perf_counter()
-    result = reanalyse(study_dir)
+    cfg = load_config(config, preset=preset) if config is not None or preset is not None else None
+    result = reanalyse(study_dir, cfg)
     old = (study_dir / "report.md").read_text() if (study_dir / "report.md").is_file() else ""
     command = next((line for line in old.split("## Reproduce", 1)[-1].splitlines() if line.startswith("lorablocks ")),
                    "lorablocks study ...")

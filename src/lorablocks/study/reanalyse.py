@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lorablocks.errors import DataError, OutputExistsError
+from lorablocks.errors import ConfigError, DataError, OutputExistsError
 from lorablocks.files.outputs import output_kind
 from lorablocks.study.analysis import StudyResult, analyse_inputs
 from lorablocks.study.config import StudyConfig, plan_subsets
@@ -117,20 +117,86 @@ def _fits(results: dict, cfg: StudyConfig) -> dict:
     return {(m["method"], tuple(m["domains"]), cfg.seeds[0]): m["fit"] for m in results.get("methods", []) if m.get("fit")}
 
 
-def reanalyse(out: str | Path) -> StudyResult:
-    """The study in ``out`` analysed again from its cache (typed errors for anything missing)."""
+def _newest(paths) -> dict:
+    """``key -> (path, record)`` keeping the most recently written record of each key."""
+    best: dict = {}
+    for key, path, rec in paths:
+        if key not in best or path.stat().st_mtime_ns > best[key][0].stat().st_mtime_ns:
+            best[key] = (path, rec)
+    return best
+
+
+def _cached_json(folder: Path, pattern: str):
+    for path in sorted(folder.glob(pattern)):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(rec, dict):
+            yield path, rec
+
+
+def _from_cache(out: Path, cfg: StudyConfig, merged_sets) -> tuple[dict, list, dict]:
+    """Without results.json (a study stopped before its report): the newest cached record of each evaluation,
+    block and probe that the config names."""
+    cache = out / "cache"
+    doms = set(cfg.domains)
+    evals = _newest(((rec.get("label"), rec.get("seed")), p, rec) for p, rec in _cached_json(cache / "evals", "*.json")
+                    if "per_example" in rec and set(rec.get("domains", {})) <= doms
+                    and (rec.get("seed") is None or rec.get("seed") in cfg.seeds))
+    wanted = {(s, (d,)) for s in cfg.seeds for d in cfg.domains} | {(s, tuple(m)) for s in cfg.seeds for m in merged_sets}
+    blocks = []
+    for folder in sorted((cache / "adapters").glob("*-seed*")):
+        tag, _, rest = folder.name.rpartition("-seed")
+        seed = rest.split("-", 1)[0]
+        key = (int(seed), tuple(tag.split("+"))) if seed.isdigit() else None
+        if key in wanted and (folder / "adapter_model.safetensors").is_file():
+            blocks.append((key, folder / "adapter_model.safetensors", folder))
+    newest = _newest(blocks)
+    missing = sorted(wanted - set(newest))
+    if missing:
+        raise DataError(f"the trained block {'+'.join(missing[0][1])} (seed {missing[0][0]}) is not in the cache; "
+                        "run the study again")
+    training = []
+    for (seed, subset), (_, folder) in newest.items():
+        rec = next((r for _, r in _cached_json(folder, "lorablocks_train.json")), {})
+        training.append({"seed": seed, "subset": list(subset), "path": str(folder),
+                         "loss_curve": rec.get("loss_curve", []), "validation": rec.get("validation", []),
+                         "precision": rec.get("precision"),
+                         "seconds": rec.get("train_seconds", 0.0) + rec.get("validation_seconds", 0.0)})
+    probes = {s: _newest((s, p, rec) for p, rec in _cached_json(cache / "probes", f"seed{s}-*.json")).get(s)
+              for s in cfg.seeds}
+    probes = {s: v[1] for s, v in probes.items() if v is not None}
+    return {k: rec for k, (_, rec) in evals.items()}, training, probes
+
+
+def reanalyse(out: str | Path, config: StudyConfig | None = None) -> StudyResult:
+    """The study in ``out`` analysed again from its cache (typed errors for anything missing); ``config``
+    replaces the folder's ``config.yaml`` (needed for a study stopped before it wrote its report)."""
     out = Path(out)
     if not out.is_dir() or output_kind(out) != "study":
         raise OutputExistsError(f"{out} is not a lorablocks study folder (no lorablocks study marker)")
-    if not (out / "results.json").is_file():
-        raise DataError(f"{out} holds no results.json: the study did not finish; run it again to complete it")
-    results = _read(out / "results.json")
-    cfg = _config(out)
+    if config is None and not (out / "config.yaml").is_file():
+        raise ConfigError(f"{out} holds no config.yaml (the study stopped before its report): name the study's "
+                          "config or preset")
+    cfg = config or _config(out)
     sums, merged_sets = plan_subsets(cfg.domains, cfg.max_sum_size, cfg.merged_subsets)
-    training = results.get("training", [])
-    inputs = Inputs(records=_records(out, results), deltas=_deltas(out, training), training=training,
-                    probes=_probes(out, cfg, results), fits=_fits(results, cfg), sums=sums, merged_sets=merged_sets)
-    result = analyse_inputs(cfg, inputs)
+    if (out / "results.json").is_file():
+        results = _read(out / "results.json")
+        training = results.get("training", [])
+        records, probes = _records(out, results), _probes(out, cfg, results)
+    else:
+        results = {}
+        records, training, probes = _from_cache(out, cfg, merged_sets)
+    inputs = Inputs(records=records, deltas=_deltas(out, training), training=training,
+                    probes=probes, fits=_fits(results, cfg), sums=sums, merged_sets=merged_sets)
+    try:
+        result = analyse_inputs(cfg, inputs)
+    except KeyError as exc:
+        raise DataError(f"the cache holds no record for {exc.args[0]!r} that this config needs; run the study "
+                        "again to compute it") from None
+    if not results:
+        result.inference["inputs"] = "the newest cached record of each evaluation, block and probe (no results.json)"
     result.versions = results.get("versions", {})
     result.timings.update({k: v for k, v in results.get("timings", {}).items() if k not in result.timings})
     return result
