@@ -114,12 +114,13 @@ def test_cli_never_writes_over_its_input(tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in a.iterdir()} == before
 
 
-@pytest.mark.parametrize("case", ["gpt2", "lm_head", "rank-12", "model-flag", "exists"])
+@pytest.mark.parametrize("case", ["gpt2", "lm_head", "dora", "rank-12", "model-flag", "exists"])
 def test_cli_refusals_one_line_exit_2(tmp_path, capsys, case):
     llama = make_peft_adapter("llama", tmp_path / "a", seed=5)
     (tmp_path / "exists").mkdir()
     argv = {"gpt2": [make_peft_adapter("gpt2", tmp_path / "g", seed=6)],
             "lm_head": [make_peft_adapter("llama", tmp_path / "h", seed=7, target_modules=["q_proj", "lm_head"])],
+            "dora": [make_peft_adapter("llama", tmp_path / "d", seed=9, use_dora=True)],
             "rank-12": [llama, "--max-lora-rank", "12"],
             "model-flag": [llama, "--model", "smollm2-135m"],
             "exists": [llama]}[case]
@@ -127,7 +128,7 @@ def test_cli_refusals_one_line_exit_2(tmp_path, capsys, case):
     code, _, err = run(["export", *argv, "--format", "vllm", "--out", out], capsys)
     assert code == 2, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    expected = {"gpt2": "fan_in_fan_out", "lm_head": "lm_head", "rank-12": "--max-lora-rank", "model-flag": "--model",
+    expected = {"gpt2": "fan_in_fan_out", "lm_head": "lm_head", "dora": "DoRA", "rank-12": "--max-lora-rank", "model-flag": "--model",
                 "exists": "exists"}[case]
     assert expected in err
     assert case == "exists" or not out.exists()

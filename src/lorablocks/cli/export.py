@@ -44,15 +44,20 @@ def export_cmd(
         result = export_adapter_gguf(adapter, out, model=model, outtype=outtype or "f32",
                                      allow_base_mismatch=allow_base_mismatch, force=force)
         console.print(f"wrote llama.cpp LoRA adapter [bold]{out}[/bold] ({result.outtype}): {result.modules} modules, "
-                      f"adapter.lora.alpha {result.alpha:g}; fingerprint {result.fingerprint[:19]}", highlight=False, soft_wrap=True)
+                      f"adapter.lora.alpha {result.alpha:g}; fingerprint {_short(result.fingerprint)}", highlight=False, soft_wrap=True)
         console.print(f"use: llama-cli -m BASE.gguf --lora {out}   (or --lora-scaled {out} SCALE)", highlight=False, soft_wrap=True)
         return
     result = export_model_gguf(adapter, out, model=model, outtype=outtype or "f16", base_gguf=base_gguf,
                                allow_base_mismatch=allow_base_mismatch, force=force,
                                log=lambda message: console.print(message, highlight=False, soft_wrap=True))
     console.print(f"wrote merged model GGUF [bold]{out}[/bold] ({result.outtype}): {result.tensors} tensors, "
-                  f"{result.modules} modules changed; fingerprint {result.fingerprint[:19]}", highlight=False, soft_wrap=True)
+                  f"{result.modules} modules changed; fingerprint {_short(result.fingerprint)}", highlight=False, soft_wrap=True)
     console.print(f"use: llama-cli -m {out}   or, for ollama, a Modelfile with: FROM {out.resolve()}", highlight=False, soft_wrap=True)
+
+
+def _short(fingerprint: str) -> str:
+    """A fingerprint as the other verbs print it (12 hex digits; a block's weights hash keeps its prefix)."""
+    return fingerprint[:19] if fingerprint.startswith("sha256:") else fingerprint[:12]
 
 
 def _export_vllm(adapter: Path, out: Path, max_lora_rank: int, force: bool) -> None:
@@ -65,5 +70,5 @@ def _export_vllm(adapter: Path, out: Path, max_lora_rank: int, force: bool) -> N
                      f"{result.rel_error:.3g} (worst module {result.max_rel_error:.3g})")
     how = "; ".join(parts) or "exact"
     console.print(f"wrote vLLM adapter [bold]{out}[/bold]: {result.modules} modules at rank {result.rank} "
-                  f"({how}); fingerprint {result.fingerprint[:19]}", highlight=False, soft_wrap=True)
+                  f"({how}); fingerprint {_short(result.fingerprint)}", highlight=False, soft_wrap=True)
     print(result.serve_command(Path(out).name))
