@@ -101,7 +101,13 @@ def test_adapter_gguf_metadata_names_shapes_and_delta(tmp_path, llama_dir):
     assert (kv["general.type"], kv["general.architecture"], kv["adapter.type"]) == ("adapter", "llama", "lora")
     assert kv["adapter.lora.alpha"] == 4.0  # the rank: scale 8/4 = 2 folded into A
     assert kv["lorablocks.kind"] == "gguf-adapter" and kv["lorablocks.fingerprint"].startswith("sha256:")
-    assert json.loads(kv["lorablocks.record"])["source"]["sha256"] == kv["lorablocks.fingerprint"][7:]
+    assert json.loads(kv["lorablocks.record"])["fingerprint"] == kv["lorablocks.fingerprint"]
+    # a block's fingerprint covers its config's scales, not only its weights file
+    cfg = json.loads((a / "adapter_config.json").read_text())
+    (a / "adapter_config.json").write_text(json.dumps({**cfg, "lora_alpha": 16.0}))
+    other = export_adapter_gguf(a, tmp_path / "a16.gguf", model=str(llama_dir))
+    assert other.fingerprint != result.fingerprint
+    (a / "adapter_config.json").write_text(json.dumps(cfg))
     names = {t.name for t in reader.tensors}
     modules = [f"model.layers.{i}.{p}.{m}" for i in range(2) for p, ms in
                (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("down_proj",))) for m in ms]

@@ -22,6 +22,7 @@ Both are written atomically; the file carries ``lorablocks.kind``, ``lorablocks.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from collections import Counter
@@ -88,7 +89,7 @@ def base_model_for(file: AdapterFile, model: str | None, allow_base_mismatch: bo
 
 def source_record(file: AdapterFile) -> dict[str, Any]:
     """Where an exported adapter came from; its fingerprint is the recipe's when lorablocks composed it
-    (its ``lorablocks.json``), else the sha256 of its weights."""
+    (its ``lorablocks.json``), else :func:`_block_fingerprint` (weights and effective scales)."""
     rec: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError):
         loaded = json.loads((file.path / RECORD_NAME).read_text(encoding="utf-8"))
@@ -96,10 +97,17 @@ def source_record(file: AdapterFile) -> dict[str, Any]:
             rec = loaded
     recipe = rec.get("recipe") if isinstance(rec.get("recipe"), dict) else rec  # newer records nest the recipe
     found = recipe.get("fingerprint", rec.get("fingerprint"))
-    fingerprint = found if isinstance(found, str) and found else f"sha256:{file.sha256}"
+    fingerprint = found if isinstance(found, str) and found else _block_fingerprint(file)
     return {"source": {**file.provenance(), "record": rec or None,
                        "module_scales": {m: list(s) for m, s in file.module_scales.items()}},
             "fingerprint": fingerprint}
+
+
+def _block_fingerprint(file: AdapterFile) -> str:
+    """A plain block: sha256 of its weights file's sha256 and its config's effective per-module scales
+    (``lora_alpha``, ``rank_pattern``, rsLoRA change the delta without changing the weights file)."""
+    key = {"weights": file.sha256, "scales": {m: list(v) for m, v in sorted(file.module_scales.items())}}
+    return "sha256:" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
 def gguf_record(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -134,11 +142,13 @@ def _gguf_file(out: Path, force: bool, inputs: Sequence[Any], record: dict[str, 
         writer.add_string("lorablocks.kind", str(record["kind"]))
         writer.add_string("lorablocks.fingerprint", str(record["fingerprint"]))
         writer.add_string("lorablocks.record", json.dumps(full, default=str, sort_keys=True))
-        yield writer
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        try:
+            yield writer
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
 
 
 def _array(t: torch.Tensor, dtype: Any, name: str) -> np.ndarray:
