@@ -9,7 +9,11 @@ streaming writer so that generating them needs no more memory than one module. T
 * ``lorablocks combine --rank minimal`` and ``lorablocks combine --method ties`` (core space) as child
   processes (console entry point, start-up included), their wall time and their peak resident memory
   (``VmHWM`` of the child itself, read at exit);
-* the inputs' size on disk beside it.
+* the inputs' size on disk beside it;
+* ``--methods ... regmean`` (issue 17): each adapter also gets input statistics on disk as regmean stores
+  inputs this wide: per distinct input site of a layer (q/k/v, o, gate/up, down: widths 8192 and 28672) a
+  rank-``--sketch-rank`` eigen sketch plus the exact diagonal (random, well-conditioned); regmean then reads
+  one Gram at a time beside each module's factors and solves by Woodbury (never an ``in x in`` matrix).
 
 The floor: each finishes, and the peak memory does not grow with the number of layers (80 vs 10 layers
 within 1.25x), because combine streams one module at a time. PEFT is not run: ``add_weighted_adapter``
@@ -67,6 +71,32 @@ def write_adapter(out: Path, layers: int, seed: int) -> None:
                       LowRank(torch.randn(o, RANK, generator=g) * 0.01, torch.randn(RANK, i, generator=g) * 0.01))
 
 
+SITES = {"self_attn.q_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "self_attn.o_proj": ("self_attn.o_proj",), "mlp.gate_proj": ("mlp.gate_proj", "mlp.up_proj"),
+         "mlp.down_proj": ("mlp.down_proj",)}
+
+
+def write_statistics(folder: Path, layers: int, seed: int, k: int) -> None:
+    """Random sketched input statistics for every input site of ``layers`` layers, beside ``folder``'s adapter."""
+    import torch
+
+    from lorablocks.core.regmean import InputGram
+    from lorablocks.files.statistics import STATS_NAME, write_statistics as write
+
+    g = torch.Generator().manual_seed(1000 + seed)
+    grams, modules = {}, {}
+    for layer in range(layers):
+        for site, fed in SITES.items():
+            width = SHAPES[site][1]
+            U, _ = torch.linalg.qr(torch.randn(width, k, generator=g))
+            S = torch.rand(k, generator=g) + 0.5
+            diag = (U * U) @ S + torch.rand(width, generator=g) * 0.1 + 0.01
+            name = f"model.layers.{layer}.{site}"
+            grams[name] = InputGram(diag=diag, U=U.contiguous(), S=S, tokens=4096)
+            modules[name] = [f"model.layers.{layer}.{m}" for m in fed]
+    write(folder / STATS_NAME, grams, modules, "meta-llama/Meta-Llama-3-70B", {"synthetic": True, "sketch_rank": k})
+
+
 def run_child(args: list[str], env: dict[str, str]) -> tuple[float, int, int, str]:
     """Wall seconds, exit code, peak RSS in bytes (the child's own VmHWM), stderr tail."""
     with tempfile.NamedTemporaryFile() as peak:
@@ -84,6 +114,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--methods", nargs="+", default=["sum", "ties"])
     p.add_argument("--keep", type=Path, default=None, help="keep the adapters in this folder")
+    p.add_argument("--sketch-rank", type=int, default=64, help="regmean: eigenpairs per stored Gram sketch")
     a = p.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
     root = Path(a.keep or tempfile.mkdtemp(prefix="bench-scale-"))
@@ -96,13 +127,20 @@ def main() -> int:
             for k, f in enumerate(folders):
                 if not f.exists():
                     write_adapter(f, layers, seed=k)
+            if "regmean" in a.methods:
+                from lorablocks.files.statistics import STATS_NAME
+
+                for k, f in enumerate(folders):
+                    if not (f / STATS_NAME).exists():
+                        write_statistics(f, layers, seed=k, k=a.sketch_rank)
             size = sum(x.stat().st_size for f in folders for x in f.iterdir())
             print(f"{layers} layers: 4 adapters of rank {RANK}, {size / 2**30:.2f} GiB on disk "
                   f"(written in {time.perf_counter() - t0:.0f} s)", flush=True)
             for method in a.methods:
                 out = root / f"out-{layers}-{method}"
                 shutil.rmtree(out, ignore_errors=True)
-                args = ["combine", *map(str, folders), "--weights", "1,0.8,-0.6,1.2", "--method", method,
+                weights = "1,0.8,0.6,1.2" if method == "regmean" else "1,0.8,-0.6,1.2"  # regmean: no negative weights
+                args = ["combine", *map(str, folders), "--weights", weights, "--method", method,
                         "--rank", "minimal", "--out", str(out)]
                 wall, rc, peak, tail = run_child(args, env)
                 peaks[(method, layers)] = peak
