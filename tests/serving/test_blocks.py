@@ -113,3 +113,45 @@ def test_runner_refuses_beyond_its_queue():
     finally:
         gate.set()
         runner.shutdown()
+
+
+def _config_variant(src, dst, **changes):
+    """A copy of block ``src`` with the same weights file and ``changes`` in its adapter config."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_the_fingerprint_covers_the_config_scales_and_the_base_model(model_dir, blocks_dir, tmp_path):
+    """The same weights file under another lora_alpha, rank_pattern or rsLoRA is another delta, and so another
+    fingerprint; a plain copy is the same; the same recipe on another base model is another fingerprint."""
+    from lorablocks.model.merge import target_weight
+    from lorablocks.model.session import ComposedModel
+    from lorablocks.serving.live import LiveModel
+
+    root = tmp_path / "lib"
+    root.mkdir()
+    _config_variant(blocks_dir / "math", root / "math")
+    _config_variant(blocks_dir / "math", root / "copy")
+    _config_variant(blocks_dir / "math", root / "alpha", lora_alpha=16)
+    _config_variant(blocks_dir / "math", root / "rslora", use_rslora=True)
+    _config_variant(blocks_dir / "math", root / "pattern", alpha_pattern={"q_proj": 2.0})
+    live = LiveModel(ComposedModel.load(str(model_dir)), BlockLibrary(root))
+    module = "model.layers.0.self_attn.q_proj"
+    seen = {}
+    for name in ("math", "copy", "alpha", "rslora", "pattern"):
+        report = live.set_active([(name, 1.0)])
+        seen[name] = (report.fingerprint, target_weight(live.composed.model, module)[0].detach().clone())
+    assert seen["math"][0] == seen["copy"][0] and torch.equal(seen["math"][1], seen["copy"][1])
+    for name in ("alpha", "rslora", "pattern"):  # same weights file, other weights: another fingerprint
+        assert not torch.equal(seen[name][1], seen["math"][1]) and seen[name][0] != seen["math"][0], name
+    assert len({fp for fp, _ in seen.values()}) == 4
+    other = ComposedModel(live.composed.model, live.composed.tokenizer, model_id="another/base-model")
+    other.recipe = live.composed.recipe
+    assert other.fingerprint != live.composed.fingerprint == live.fingerprint
+    assert live.composed.fingerprint == live.composed.recipe.fingerprint(base=live.composed.model_id)

@@ -70,8 +70,8 @@ def blocks_of(files: Sequence[AdapterFile], weights: Sequence[float] | None = No
     weights = [1.0] * len(files) if weights is None else list(weights)
     if len(weights) != len(files):
         raise CompositionError(f"{len(weights)} weights for {len(files)} adapters", setting="weights")
-    return [Block(name=f.name, weight=float(w), path=str(f.path), sha256=f.sha256, base_model=f.base_model)
-            for f, w in zip(files, weights)]
+    return [Block(name=f.name, weight=float(w), path=str(f.path), sha256=f.sha256, scales=f.scales_sha256,
+                  base_model=f.base_model) for f, w in zip(files, weights)]
 
 
 @dataclass(frozen=True)

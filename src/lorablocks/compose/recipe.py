@@ -37,6 +37,8 @@ class Block(BaseModel):
     weight: float = Field(1.0, description="Its weight w_i; negative subtracts (unlearning).")
     path: str | None = Field(None, description="Where it was read from.")
     sha256: str | None = Field(None, description="sha256 of its weights file: what the recipe really depends on.")
+    scales: str | None = Field(None, description="sha256 of its config's effective per-module scales (lora_alpha, "
+                                                 "rank_pattern, rsLoRA), which the weights file alone does not fix.")
     base_model: str | None = Field(None, description="Base model its adapter config records.")
     statistics_sha256: str | None = Field(None, description="sha256 of the input statistics a method like regmean "
                                                             "uses for it (checked against the source's).")
@@ -75,14 +77,18 @@ class Recipe(BaseModel):
     def weights(self) -> list[float]:
         return [b.weight for b in self.blocks]
 
-    def fingerprint(self) -> str:
-        """sha256 of what determines the result: block contents and weights, method, params, rank mode.
+    def fingerprint(self, base: str | None = None) -> str:
+        """sha256 of what determines the result: block contents (weights file, effective scales) and weights,
+        method, params, rank mode; with ``base``, the identity of the model it is merged into.
 
         Names and paths do not count: the same adapters under other names give the same fingerprint.
         """
-        key = {"blocks": [[b.sha256 or b.name, b.weight] + ([b.statistics_sha256] if b.statistics_sha256 else [])
-                          for b in self.blocks], "method": self.method,
-               "params": self.resolved_params(), "rank": self.rank, "rtol": self.rtol}
+        key: dict[str, Any] = {
+            "blocks": [[b.sha256 or b.name, b.weight] + ([b.statistics_sha256] if b.statistics_sha256 else [])
+                       + ([{"scales": b.scales}] if b.scales else []) for b in self.blocks],
+            "method": self.method, "params": self.resolved_params(), "rank": self.rank, "rtol": self.rtol}
+        if base is not None:
+            key["base"] = base
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
     def resolved_params(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ float64/32/16 or bfloat16 are read as they are, float8 ones upcast exactly; any 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -51,6 +52,15 @@ class _Described:
     config: dict[str, Any]
     path: Path | None
     sha256: str | None
+    module_scales: dict[str, tuple[int, float, float]]
+
+    @property
+    def scales_sha256(self) -> str:
+        """sha256 of what the config adds to the weights file: every module's effective ``(r, alpha, scale)``
+        (``lora_alpha``, ``rank_pattern``, ``alpha_pattern``, rsLoRA) and ``fan_in_fan_out``."""
+        scales = sorted([m, r, float(a), float(s)] for m, (r, a, s) in self.module_scales.items())
+        key = json.dumps({"scales": scales, "fan_in_fan_out": self.fan_in_fan_out})
+        return hashlib.sha256(key.encode()).hexdigest()
 
     @property
     def base_model(self) -> str | None:

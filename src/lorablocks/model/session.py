@@ -68,8 +68,8 @@ class ComposedModel:
 
     @property
     def fingerprint(self) -> str | None:
-        """The active recipe's fingerprint (``None``: the base model)."""
-        return self.recipe.fingerprint() if self.recipe is not None else None
+        """The active recipe's fingerprint with this base model's identity in it (``None``: the base model)."""
+        return self.recipe.fingerprint(base=self.model_id) if self.recipe is not None else None
 
     def check_base_model(self, recorded: Sequence[tuple[str, str | None]]) -> None:
         """Refuse blocks ``(label, recorded base model)`` made for another model (unknown ones pass)."""

@@ -68,7 +68,8 @@ class LoadedBlock:
 
     def block(self, weight: float) -> Block:
         f = self.file
-        return Block(name=self.name, weight=float(weight), path=str(f.path), sha256=f.sha256, base_model=f.base_model)
+        return Block(name=self.name, weight=float(weight), path=str(f.path), sha256=f.sha256, scales=f.scales_sha256,
+                     base_model=f.base_model)
 
 
 class BlockLibrary:
