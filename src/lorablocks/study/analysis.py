@@ -244,6 +244,11 @@ def _unlearning(ch: _Changes, cfg: StudyConfig, deltas) -> list[UnlearnResult]:
     fam = adjust({u.domain: u.vs_base for u in out}, "unlearning: forgotten domain vs the base model")
     for u in out:
         u.vs_base = fam[u.domain]
+    for spec in cfg.methods:
+        have = {u.domain: ch.change(f"unlearn-{spec.label}:{u.domain}", "base", [u.domain], ref_seedless=True)
+                for u in out if ch.has(f"unlearn-{spec.label}:{u.domain}")}
+        for d, iv in adjust(have, f"unlearning with {spec.label}: forgotten domain vs the base model").items():
+            next(u for u in out if u.domain == d).by_method[spec.label] = iv
     return out
 
 

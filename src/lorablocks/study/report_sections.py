@@ -122,12 +122,14 @@ def unlearning(r: StudyResult) -> list[str]:
     rows = [[u.domain, f(u.ppl["base"]), f(u.ppl["sum_all"]), f(u.ppl["unlearned"]),
              f"{u.ppl['max_rel_diff_vs_sum_without']:.1e}",
              ci(u.vs_sum_all), ci(u.vs_base), "; ".join(f"{e} {ci(iv)}" for e, iv in u.others_vs_sum_all.items()),
-             f"{u.delta_rel_diff:.1e}"] for u in r.unlearning]
+             f"{u.delta_rel_diff:.1e}", "; ".join(f"{m} {ci(iv)}" for m, iv in u.by_method.items()) or "-"]
+            for u in r.unlearning]
     return ["## Unlearning", "", "From the sum of all blocks subtract one. Its domain's perplexity should return to "
             "the base model's, the others should stay; the subtracted delta must equal the sum built without it (last "
             "column, relative Frobenius difference), and so must the perplexities on the other domains (fifth column).", "",
             table(["forgotten", "PPL base", "PPL sum of all", "PPL after", "others: PPL vs sum without it",
-                   "after vs sum of all", "after vs base", "others vs sum of all", "delta vs sum without"], rows), ""]
+                   "after vs sum of all", "after vs base", "others vs sum of all", "delta vs sum without",
+                   "other methods (recomposed without it) vs base"], rows), ""]
 
 
 def methods(r: StudyResult, files: dict) -> list[str]:

@@ -92,6 +92,8 @@ class UnlearnResult:
     vs_sum_all: Interval
     others_vs_sum_all: dict[str, Interval]
     delta_rel_diff: float
+    #: methods that unlearn by recomposing without the block (``unlearn-<method>:<domain>``): vs the base model
+    by_method: dict[str, Interval] = field(default_factory=dict)
 
 
 @dataclass
