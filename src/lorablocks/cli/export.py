@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from lorablocks.cli.app import app, console
-from lorablocks.cli.options import AllowBaseOpt, ForceOpt
+from lorablocks.cli.options import ForceOpt
 from lorablocks.errors import LoraBlocksError
 
 FORMATS = ("gguf", "gguf-model", "vllm")
@@ -19,11 +19,11 @@ def export_cmd(
     adapter: Annotated[Path, typer.Argument(help="Adapter folder: a block, or a composition written by combine.")],
     fmt: Annotated[str, typer.Option("--format", help="gguf (llama.cpp LoRA adapter), gguf-model (merged full model GGUF) or vllm (PEFT folder vLLM serves as is).")],
     out: Annotated[Path, typer.Option("--out", help="Output: a .gguf file, or a folder for vllm.")],
-    model: Annotated[Optional[str], typer.Option("--model", help="gguf/gguf-model: the Llama base model (built-in name or local folder) [the adapter's recorded base, else smollm2-135m].")] = None,
-    outtype: Annotated[Optional[str], typer.Option("--outtype", help="gguf: f32 [default] or f16; gguf-model: f16 [default] or f32.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="gguf/gguf-model: the Llama base model (built-in name or local folder); default: the adapter's recorded base, else smollm2-135m.")] = None,
+    outtype: Annotated[Optional[str], typer.Option("--outtype", help="gguf: f32 (default) or f16; gguf-model: f16 (default) or f32.")] = None,
     base_gguf: Annotated[Optional[Path], typer.Option("--base-gguf", help="gguf-model: a GGUF of the same base model whose tokenizer and metadata are copied (built-in models have their own).")] = None,
     max_lora_rank: Annotated[int, typer.Option("--max-lora-rank", help="vllm: the rank cap vLLM is started with (8, 16, 32, 64, ...); higher ranks are truncated, error reported.")] = 16,
-    allow_base_mismatch: AllowBaseOpt = False,
+    allow_base_mismatch: Annotated[bool, typer.Option("--allow-base-mismatch", help="gguf/gguf-model: export against --model although the adapter records another base model (shapes are still checked).")] = False,
     force: ForceOpt = False,
 ) -> None:
     """Export a block or composition to another engine: llama.cpp (GGUF) or vLLM (PEFT folder)."""
