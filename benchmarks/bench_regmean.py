@@ -11,6 +11,9 @@
 2. **combine** (``--parts combine``): ``lorablocks combine A B ... --method regmean`` with stored statistics vs
    the plain sum, whole process (console entry point, start-up included), alternated ``--repeat`` times in
    one run; the median ratio (floor <= 3x).
+3. **floors** (``--parts floors --study study-out``): the issue's quality floors from a quick-preset study's
+   evaluation records (joint perplexity per pair, gap closed, own-domain degradation of the 4-block sum,
+   unlearning by recomposing without a block).
 
     .venv/bin/python benchmarks/bench_regmean.py --parts sketch --data ../shared/data
     .venv/bin/python benchmarks/bench_regmean.py --parts combine --adapters study-out/adapters/{math,medicine,biomed,finance}
@@ -106,9 +109,70 @@ def combine_part(a: argparse.Namespace) -> None:
           f"{'PASS' if ratio <= 3 else 'FAIL'})")
 
 
+def _records(study: Path) -> dict[str, dict]:
+    """The newest cached evaluation record of each label (with each example's NLL and tokens)."""
+    import json
+
+    out: dict[str, tuple[float, dict]] = {}
+    for f in (study / "cache" / "evals").glob("*.json"):
+        rec = json.loads(f.read_text())
+        if rec["label"] not in out or f.stat().st_mtime > out[rec["label"]][0]:
+            out[rec["label"]] = (f.stat().st_mtime, rec)
+    return {k: v for k, (_, v) in out.items()}
+
+
+def floors_part(a: argparse.Namespace) -> None:
+    """The issue's quality floors from a finished (or partial) study folder."""
+    import itertools
+    import json
+
+    from lorablocks.study.analysis import joint_perplexity
+
+    recs = _records(a.study)
+    results = json.loads((a.study / "results.json").read_text()) if (a.study / "results.json").is_file() else {}
+    ivs = {tuple(m["domains"]): m.get("vs_merged") for m in results.get("methods", []) if m.get("method") == "regmean"}
+    domains = [d for d in ("math", "medicine", "biomed", "finance") if f"single:{d}" in recs]
+    joint = lambda label, ds: joint_perplexity(recs[label]["per_example"], ds)  # noqa: E731
+    within = closed = pairs = 0
+    for pair in itertools.combinations(domains, 2):
+        t = "+".join(pair)
+        if not all(f"{k}:{t}" in recs for k in ("sum", "regmean", "merged")):
+            continue
+        s, r, m = joint(f"sum:{t}", pair), joint(f"regmean:{t}", pair), joint(f"merged:{t}", pair)
+        raw = (ivs.get(pair) or {}).get("joint")
+        iv = {k: raw.get(k, raw.get(alt)) for k, alt in (("value", "estimate"), ("low", "lo"), ("high", "hi"))} if raw else None
+        ok = iv["low"] <= 0 if iv else r <= m
+        gap = (s - r) / (s - m) if s != m else float("nan")
+        pairs, within, closed = pairs + 1, within + ok, closed + (gap >= 0.75)
+        ivtext = (f", regmean vs merged {100 * iv['value']:+.1f} % [{100 * iv['low']:+.1f}, {100 * iv['high']:+.1f}]"
+                  if iv else "")
+        print(f"  {t}: joint perplexity sum {s:.3f}, regmean {r:.3f}, merged-data {m:.3f}{ivtext}; "
+              f"gap closed {100 * gap:.0f} %; within or better: {ok}")
+    print(f"floor: within merged-data's interval or better on {within} of {pairs} pairs (>= 5 of 6: "
+          f"{'PASS' if within >= 5 and pairs == 6 else 'FAIL'}); >= 75 % of the gap closed on {closed} of {pairs} "
+          f"({'PASS' if closed == pairs == 6 else 'FAIL'})")
+    t = "+".join(domains)
+    if f"sum:{t}" in recs and f"regmean:{t}" in recs:
+        own = lambda label, d: recs[label]["domains"][d]["perplexity"]  # noqa: E731
+        ds = [own(f"sum:{t}", d) / own(f"single:{d}", d) - 1 for d in domains]
+        dr = [own(f"regmean:{t}", d) / own(f"single:{d}", d) - 1 for d in domains]
+        for d, x, y in zip(domains, ds, dr):
+            print(f"  {t} on {d}: vs its single block sum {100 * x:+.1f} %, regmean {100 * y:+.1f} %")
+        removed = 1 - (sum(dr) / len(dr)) / (sum(ds) / len(ds))
+        print(f"floor: regmean removes {100 * removed:.0f} % of the sum's mean own-domain degradation on the "
+              f"{len(domains)}-block sum (>= 50 %: {'PASS' if removed >= 0.5 else 'FAIL'})")
+    for d in domains:
+        if f"unlearn-regmean:{d}" in recs and f"unlearn:{d}" in recs:
+            print(f"  unlearning {d}: the sum of all minus it {recs[f'unlearn:{d}']['domains'][d]['perplexity']:.3f}, "
+                  f"regmean of the others {recs[f'unlearn-regmean:{d}']['domains'][d]['perplexity']:.3f}, "
+                  f"its single {recs[f'single:{d}']['domains'][d]['perplexity']:.3f}, "
+                  f"base {recs['base']['domains'][d]['perplexity']:.3f} (on {d})")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", nargs="+", default=["sketch", "combine"], choices=["sketch", "combine"])
+    p.add_argument("--parts", nargs="+", default=["sketch", "combine"], choices=["sketch", "combine", "floors"])
+    p.add_argument("--study", type=Path, default=Path("study-out"), help="floors: a quick-preset study folder")
     p.add_argument("--data", type=Path, default=Path("../shared/data"))
     p.add_argument("--domains", nargs="+", default=["math", "medicine"])
     p.add_argument("--examples", type=int, default=32)
@@ -128,6 +192,8 @@ def main() -> int:
         if not a.adapters:
             raise SystemExit("--parts combine needs --adapters (folders with stored statistics)")
         combine_part(a)
+    if "floors" in a.parts:
+        floors_part(a)
     return 0
 
 
