@@ -23,8 +23,6 @@ import threading
 from types import ModuleType
 from typing import Any
 
-from lorablocks.files import outputs as _outputs
-
 __all__ = ["app", "main", "run_app", "INTERRUPTED", "install_interrupt_handler", "raise_on_interrupt"]
 
 #: The one line an interrupted command prints (exit code 130).
@@ -35,10 +33,18 @@ _VERBS = ("adapters", "training", "evaluation", "statistics", "study", "serving"
 _RAISE = False
 
 
+def _outputs(name: str) -> Any:
+    """A function of the output module if that is loaded (nothing is written before it is, or while it is
+    still being imported); never imports it, so that the handler works before anything heavy is loaded."""
+    return getattr(sys.modules.get("lorablocks.files.outputs"), name, None)
+
+
 def _on_sigint(signum: int, frame: Any) -> None:
     """SIGINT: unwind when an output is being written (or a verb asked to), else one line and exit 130 now."""
-    _outputs.note_interrupt()
-    if _RAISE or _outputs.writing():
+    note, writing = _outputs("note_interrupt"), _outputs("writing")
+    if note is not None:
+        note()
+    if _RAISE or (writing is not None and writing()):
         raise KeyboardInterrupt
     try:
         os.write(2, (INTERRUPTED + "\n").encode())
@@ -72,7 +78,9 @@ def _load() -> ModuleType:
 
 def run_app(argv: list[str] | None = None) -> int:
     """Run the CLI in this process and return its exit code (see :mod:`lorablocks.cli.app`)."""
-    with _outputs.reading_inputs():
+    from lorablocks.files.outputs import reading_inputs
+
+    with reading_inputs():
         try:
             module = _load()
         except KeyboardInterrupt:
@@ -89,7 +97,8 @@ def main() -> None:
         code = run_app(sys.argv[1:])
     except KeyboardInterrupt:  # between the boundary's own handlers
         code = -1
-    if code == -1 or (code != 130 and _outputs.interrupt_noted() and not _RAISE):
+    noted = _outputs("interrupt_noted")
+    if code == -1 or (code != 130 and noted is not None and noted() and not _RAISE):
         sys.stderr.write(INTERRUPTED + "\n")  # interrupted, though a library swallowed the KeyboardInterrupt
         code = 130
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # done: a late Ctrl-C changes nothing now
