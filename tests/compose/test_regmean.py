@@ -135,6 +135,16 @@ def test_statistics_of_another_model_or_width_are_refused(blocks, tmp_path, caps
     assert not (tmp_path / "o").exists()
 
 
+def test_statistics_of_other_weights_are_refused(blocks, tmp_path, capsys):
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(blocks["words"], moved)
+    shutil.copy(blocks["math"] / STATS_NAME, moved / STATS_NAME)  # another block's statistics
+    assert run_app(["combine", str(blocks["math"]), str(moved), "--method", "regmean", "--out", str(tmp_path / "o")]) == 2
+    assert "collected for other weights" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
 def test_generate_composes_regmean_from_the_blocks_stored_statistics(blocks, tiny_model_dirs):
     """What ``generate --method regmean`` runs on (serving's open_composed): the stored statistics travel
     with each block's file, so the merged weights are the regmean composition, not the sum."""

@@ -236,6 +236,11 @@ def _statistics(recipe: Recipe, srcs: Sequence[DeltaSource], given: Sequence[Any
         if block.statistics_sha256 and st.sha256 and block.statistics_sha256 != st.sha256:
             raise CompositionError(f"the statistics of {block.path or block.name} changed since the recipe was made "
                                    f"({st.sha256[:12]}, recipe {block.statistics_sha256[:12]})", setting="statistics")
+        made_for = (st.data or {}).get("adapter_sha256")
+        if made_for and block.sha256 and made_for != block.sha256:
+            raise CompositionError(f"the statistics of {block.path or block.name} were collected for other weights "
+                                   "(they are of the block's own model): collect them again with `lorablocks stats "
+                                   "--force`", setting="statistics")
         st.check_fits(shapes_of(src), block.base_model, str(block.path or block.name))
     return stats
 

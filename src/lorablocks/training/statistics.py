@@ -17,13 +17,17 @@ __all__ = ["write_training_statistics"]
 
 def write_training_statistics(peft_model: Any, train_sets: list[Any], domains: list[Any], pad: int, folder: Any,
                               max_tokens: int, max_length: int, base_model: str) -> dict[str, Any]:
-    """Collect and write ``folder/lorablocks_stats.safetensors``; its record (path, sha256, data)."""
+    """Collect and write ``folder/lorablocks_stats.safetensors`` (the adapter is already saved there: the
+    statistics record its weights' sha256); their record (file, sha256, data)."""
     model = peft_model.get_base_model()  # module names as the adapter file keys them; the LoRA stays active
     modules = [n for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
     share = max(1, max_tokens // max(len(train_sets), 1))
     examples = [e for ts in train_sets for e in budgeted(ts.examples, share)]
     collected = collect_grams(model, modules, examples, pad)
-    data = {"domains": [d.name for d in domains], "split": "train",
+    from lorablocks.files.adapters import WEIGHTS_NAME
+    from lorablocks.files.outputs import sha256_file
+
+    data = {"domains": [d.name for d in domains], "split": "train", "adapter_sha256": sha256_file(folder / WEIGHTS_NAME),
             "split_sha256": {d.name: d.fingerprint("train") for d in domains}, "examples": len(examples),
             "tokens": collected.tokens, "max_length": max_length, "max_tokens": max_tokens,
             "model": "the block's own (base + block), at the end of training"}
