@@ -294,6 +294,22 @@ def main() -> int:
     da, dab = load_adapter(blocks["a"]).delta, load_adapter(blocks["ab"]).delta
     hf = {"base": hf_logits(model, prompts), "a": hf_logits(model, prompts, da), "ab": hf_logits(model, prompts, dab)}
     comp = f"{args.w1} A + {args.w2} B"
+    rows = comparison_rows(hf, ll, comp, args)
+    n_pos = sum(len(p) for p in prompts)
+    print(f"\n{len(prompts)} prompts, {n_pos} positions; KL(first || second) in nats; flip gap: largest logit gap "
+          "(first side) between the two top-1 choices where they differ")
+    print(f"{'comparison':68s} {'top-1':>7s} {'mean KL':>10s} {'max KL':>10s} {'flip gap':>9s}")
+    for name, r in rows.items():
+        print(f"{name:68s} {r['top1']:7.1%} {r['kl']:10.6f} {r['kl_max']:10.6f} {r['max_flip_gap']:9.4f}")
+    ok, why = verdict(rows, comp, args)
+    print(f"\n{'PASS' if ok else 'FAIL'}: {why} (work folder {work})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "positions": n_pos, "pass": ok}, indent=2))
+    return 0 if ok else 1
+
+
+def comparison_rows(hf: dict, ll: dict, comp: str, args) -> dict[str, dict[str, float]]:
+    """Every comparison the docstring lists, by name."""
     rows = {}
     for tag, what in (("q4", "Q4_1 GGUF"), ("f32", "f32 GGUF")):
         rows.update({
@@ -307,17 +323,7 @@ def main() -> int:
     rows["merged model f32 GGUF (exported) vs transformers"] = compare(hf["ab"], ll["ab_model_f32"])
     rows["effect of A (transformers, merged vs base)"] = compare(hf["a"], hf["base"])
     rows[f"effect of {comp} (transformers)"] = compare(hf["ab"], hf["base"])
-    n_pos = sum(len(p) for p in prompts)
-    print(f"\n{len(prompts)} prompts, {n_pos} positions; KL(first || second) in nats; flip gap: largest logit gap "
-          "(first side) between the two top-1 choices where they differ")
-    print(f"{'comparison':68s} {'top-1':>7s} {'mean KL':>10s} {'max KL':>10s} {'flip gap':>9s}")
-    for name, r in rows.items():
-        print(f"{name:68s} {r['top1']:7.1%} {r['kl']:10.6f} {r['kl_max']:10.6f} {r['max_flip_gap']:9.4f}")
-    ok, why = verdict(rows, comp, args)
-    print(f"\n{'PASS' if ok else 'FAIL'}: {why} (work folder {work})")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "positions": n_pos, "pass": ok}, indent=2))
-    return 0 if ok else 1
+    return rows
 
 
 def verdict(rows: dict, comp: str, args) -> tuple[bool, str]:
