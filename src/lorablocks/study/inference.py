@@ -39,10 +39,9 @@ MAX_EXACT = 5040
 
 def _ranks(v: np.ndarray) -> np.ndarray:
     """Average ranks (ties share their mean rank, from 1) along the last axis."""
-    v = np.asarray(v, dtype=np.float64)
-    less = (v[..., None, :] < v[..., :, None]).sum(axis=-1)
-    equal = (v[..., None, :] == v[..., :, None]).sum(axis=-1)
-    return less + (equal + 1) / 2.0
+    from scipy.stats import rankdata
+
+    return rankdata(np.asarray(v, dtype=np.float64), axis=-1)
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
