@@ -62,6 +62,5 @@ def simulate_fine(seed: int, *, n: int = 4, m: int = 16, seeds: int = 1, k_slope
                 ch = rs.change({str(d): np.array(new)}, {str(d): np.array(ref)}, list(range(seeds)))
                 points.append(Point(f"{S}:{d}", S, d, ch))
                 truth.append(100 * math.expm1(float(np.mean(shifts))))
-    data = fit_data(points, mats, names or ["weight_rms", "function_mean", "foreign_energy"], n,
-                    rs.seed_weights if seeds > 1 else None, seed)
+    data = fit_data(points, mats, names or ["weight_rms", "function_mean", "foreign_energy"], n, None, seed)  # as the study
     return data, fit_family(data, "fine"), np.array(truth)

@@ -176,7 +176,7 @@ def _paper_points(ch: _Changes, cfg: StudyConfig, sums, merged_sets) -> list[Poi
 def _fits(result: StudyResult, ch: _Changes, cfg: StudyConfig, mats, names, inp: Inputs) -> None:
     """Both levels' fits, the points they are made of, and the size-controlled predictor comparisons."""
     doms = list(cfg.domains)
-    seed_w = ch.rs.seed_weights if len(cfg.seeds) > 1 else None
+    seed_w = None  # fit intervals: the joint example bootstrap, conditional on the trained blocks
     primary = primary_predictors(names)
     levels = {"paper": _paper_points(ch, cfg, inp.sums, inp.merged_sets), "fine": _fine_points(ch, cfg, inp.sums)}
     for level, points in levels.items():

@@ -128,8 +128,10 @@ class _Values:
 
 def fit_data(points: Sequence[Point], mats: Sequence[Matrices], names: Sequence[str], n_domains: int,
              seed_weights: np.ndarray | None = None, seed: int = 0) -> FitData:
-    """The points' changes and every predictor, observed, per resample (seeds resampled with the changes'
-    weights ``seed_weights``, resamples x seeds) and under every permutation of the domain labels."""
+    """The points' changes (replicates with the examples resampled: the joint example bootstrap) and every
+    predictor (the mean over seeds), observed and under every permutation of the domain labels.
+    ``seed_weights`` (resamples x seeds) would resample the predictors with the seeds; the study passes None:
+    its fit intervals are conditional on the trained blocks, and the permutation p-value is the test."""
     perms, exact = domain_permutations(n_domains, seed)
     x, xb, xperm = {}, {}, {}
     values, seeds = _Values(mats), range(len(mats))
@@ -140,6 +142,7 @@ def fit_data(points: Sequence[Point], mats: Sequence[Matrices], names: Sequence[
         xperm[name] = np.array([[math.fsum(values.get(s, name, pt, q) for s in seeds) / len(mats) for pt in points]
                                 for q in perms])
     return FitData(labels=[pt.label for pt in points], y=np.array([pt.change.value for pt in points]),
-                   yb=np.stack([pt.change.boot for pt in points], axis=1) if points else np.zeros((0, 0)),
+                   yb=(np.stack([pt.change.boot if seed_weights is not None else pt.change.examples_only
+                                 for pt in points], axis=1) if points else np.zeros((0, 0))),
                    k=np.array([len(pt.subset) for pt in points]), x=x, xb=xb, xperm=xperm, exact=exact,
                    n_domains=n_domains)

@@ -78,7 +78,7 @@ def fits(r: StudyResult, files: dict) -> list[str]:
           "Fits within each block count k, and across sizes with k as a factor (partial Spearman rho; slope of "
           "`y ~ x + factor(k)`); the pooled rows (k NOT controlled) are shown for reference only and belong to no "
           "family. p: permutation of the domain labels, every predictor recomputed; intervals: the joint bootstrap "
-          "over test examples (conditional on these domains).", ""]
+          "over test examples, every point recomputed (conditional on these domains and trained blocks).", ""]
     made = [x for x in r.fits if x.rho is not None]
     rows = [[x.level, name(x.predictor), x.scope, str(x.n), ci_num(x.rho), ci_num(x.slope, 3), p(x.p), p(x.p_adj),
              x.note or ("exploratory" if x.family and "exploratory" in x.family else "")] for x in made]
@@ -170,8 +170,8 @@ def method_notes(r: StudyResult) -> list[str]:
             f"- Bootstrap: {inf.get('bootstrap', '-')} ({inf.get('resamples', '-')} resamples); every statistic made of "
             "several changes (pooled degradation, fits, comparisons) is recomputed on the same resamples.",
             f"- Scope: {inf.get('scope', '-')}.",
-            f"- Fits: p-value by {inf.get('fit_p_value', '-')}; rho and slope intervals from the joint bootstrap "
-            "(conditional on these domains); fits need at least 4 points; a test whose smallest attainable p exceeds "
+            f"- Fits: p-value by {inf.get('fit_p_value', '-')}; rho and slope intervals from the joint example "
+            "bootstrap (conditional on these domains and trained blocks); fits need at least 4 points; a test whose smallest attainable p exceeds "
             "0.05 gets no decision. Block count is controlled within each k and by k as a factor across sizes; only "
             "the size-controlled comparison may say that one predictor predicts better.",
             f"- Multiplicity: {inf.get('multiplicity', '-')}. Families: " + "; ".join(fams) + ".",

@@ -91,10 +91,17 @@ def bootstrap_p(boot: np.ndarray, null: float = 0.0) -> float | None:
 
 @dataclass
 class Estimate:
-    """A statistic's point value and its bootstrap replicates (one per resample of :class:`Resampler`)."""
+    """A statistic's point value and its bootstrap replicates (one per resample of :class:`Resampler`);
+    ``boot_examples`` the replicates with the examples resampled only (the seeds as they are; None: the same
+    as ``boot``, one seed), which the fits use (their intervals are conditional on the trained blocks)."""
 
     value: float
     boot: np.ndarray = field(repr=False)
+    boot_examples: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def examples_only(self) -> np.ndarray:
+        return self.boot if self.boot_examples is None else self.boot_examples
 
     def interval(self, test: bool = True) -> Interval:
         b = self.boot[np.isfinite(self.boot)]
@@ -147,28 +154,31 @@ class Resampler:
             return Estimate(math.nan, np.full(self.resamples, math.nan))
         value = 100.0 * math.expm1((pn - pr) / pt)
         boot = _pct(bn - br, bt)
-        if len(seeds) > 1:
-            boot = value + (boot - value) * self._seed_inflation(groups, seeds)
-        return Estimate(value, boot)
+        if len(seeds) < 2:
+            return Estimate(value, boot)
+        seed_only, ex_only = self._levels(groups, seeds)
+        return Estimate(value, value + (boot - value) * _seed_inflation(seed_only, ex_only, len(seeds)), ex_only)
 
-    def _seed_inflation(self, groups: Sequence[tuple[str, Rows, Rows]], seeds: Sequence[int]) -> float:
-        """The small-sample correction of the seed level (module docstring)."""
-        from scipy.stats import t as student_t
-
+    def _levels(self, groups: Sequence[tuple[str, Rows, Rows]], seeds: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The change resampled over seeds only, and over examples only (seeds pooled as they are)."""
         W = self.seed_weights[:, list(seeds)]
         diff_s = sum((a[:, :, 0] - b[:, :, 0]).sum(axis=1) for _, a, b in groups)  # (S,)
         tok_s = sum(a[:, :, 1].sum(axis=1) for _, a, _ in groups)
-        seed_only = _pct(W @ diff_s, W @ tok_s)
         diff_e = sum((a[:, :, 0] - b[:, :, 0]).sum(axis=0) @ self.example_weights[d][:, :a.shape[1]].T
                      for d, a, b in groups)
         tok_e = sum(a[:, :, 1].sum(axis=0) @ self.example_weights[d][:, :a.shape[1]].T for d, a, _ in groups)
-        ex_only = _pct(diff_e, tok_e)
-        vs, ve = float(np.nanvar(seed_only)), float(np.nanvar(ex_only))
-        if vs + ve <= 0:
-            return 1.0
-        S = len(seeds)
-        widen = S / (S - 1) * (float(student_t.ppf(0.975, S - 1)) / 1.959964) ** 2
-        return math.sqrt((vs * widen + ve) / (vs + ve))
+        return _pct(W @ diff_s, W @ tok_s), _pct(diff_e, tok_e)
+
+
+def _seed_inflation(seed_only: np.ndarray, ex_only: np.ndarray, S: int) -> float:
+    """The small-sample correction of the seed level (module docstring)."""
+    from scipy.stats import t as student_t
+
+    vs, ve = float(np.nanvar(seed_only)), float(np.nanvar(ex_only))
+    if vs + ve <= 0:
+        return 1.0
+    widen = S / (S - 1) * (float(student_t.ppf(0.975, S - 1)) / 1.959964) ** 2
+    return math.sqrt((vs * widen + ve) / (vs + ve))
 
 
 def _pct(dnll: np.ndarray, tok: np.ndarray) -> np.ndarray:
