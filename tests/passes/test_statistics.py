@@ -50,6 +50,21 @@ def test_hooked_pass_restores_training_mode_and_removes_hooks():
     assert not model.get_submodule(MODULES[0])._forward_pre_hooks
 
 
+def test_hooked_pass_runs_the_head_on_one_position_unless_it_is_hooked():
+    """Nothing reads the logits (a 262k vocabulary made them 4 GB per batch), so the head sees one position;
+    the hooked modules still see every one, and a hooked head sees them all too."""
+    model = conftest.tiny_llama(300)
+    batches = [(torch.tensor([[5, 6, 7, 8]]), torch.ones(1, 4, dtype=torch.long))]
+    head_rows, seen = [], []
+    h = model.lm_head.register_forward_pre_hook(lambda _m, args: head_rows.append(args[0].shape[1]))
+    hooked_pass(model, MODULES[:1], batches, lambda name, site, x: seen.append(x.shape[0]))
+    assert seen == [4] and head_rows == [1]
+    head_rows.clear(), seen.clear()
+    hooked_pass(model, ["lm_head"], batches, lambda name, site, x: seen.append(x.shape[0]))
+    h.remove()
+    assert seen == [4] and head_rows == [4]
+
+
 def test_budgeted_stops_at_the_token_budget_but_keeps_one():
     exs = _examples()
     assert budgeted(exs, 13) == exs[:2] and budgeted(exs, 1) == exs[:1]

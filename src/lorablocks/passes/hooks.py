@@ -5,7 +5,9 @@ length, at most ``batch_tokens`` padded tokens each); :func:`hooked_pass` runs t
 forward pre-hook on each named module that hands ``on_input(module, site, x)`` the module's input at
 non-padding (or the caller's counted) positions (``x``: ``tokens x in``). Modules fed the very same tensor one after another (``q/k/v``
 or ``gate/up`` in Llama) share an input *site*, named by the first of them; with ``per_site`` only that
-first module's hook calls ``on_input``.
+first module's hook calls ``on_input``. The output head runs on one position only (``logits_to_keep=1``)
+unless it is hooked itself: nothing reads the logits, and Gemma's 262,144-token vocabulary made them 4 GB
+per 4,096-token batch.
 """
 
 from __future__ import annotations
@@ -63,16 +65,32 @@ def hooked_pass(model: nn.Module, modules: Sequence[str], batches: Iterable[tupl
         return hook
 
     handles = [model.get_submodule(name).register_forward_pre_hook(hook_for(name)) for name in modules]
+    extra = _head_on_one_position(model, modules)
     was = model.training
     try:
         model.eval()
         for input_ids, attention_mask, *counted in batches:
             state["mask"], state["last"] = (counted[0] if counted else attention_mask), None
             result.tokens += int(state["mask"].sum())
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
             state["last"] = None  # never keep a batch's activations alive
     finally:
         model.train(was)
         for h in handles:
             h.remove()
     return result
+
+
+def _head_on_one_position(model: nn.Module, modules: Sequence[str]) -> dict[str, int]:
+    """``{"logits_to_keep": 1}`` where the causal LM takes it and no hooked module is its output head."""
+    import inspect
+
+    get_base = getattr(model, "get_base_model", None)
+    lm = get_base() if callable(get_base) else model  # the transformers model inside a PEFT wrapper
+    get_head = getattr(lm, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None or "logits_to_keep" not in inspect.signature(lm.forward).parameters:
+        return {}
+    if any(model.get_submodule(name) is head for name in modules):
+        return {}
+    return {"logits_to_keep": 1}
