@@ -37,7 +37,7 @@ import torch
 from lorablocks.core.algebra import COMPUTE_DTYPE, LowRank
 from lorablocks.errors import CompositionError
 
-__all__ = ["InputGram", "sketch", "regularised", "regmean", "DEFAULT_ALPHA", "RIDGE"]
+__all__ = ["InputGram", "Factored", "sketch", "regularised", "factor", "regmean", "DEFAULT_ALPHA", "RIDGE"]
 
 #: the paper's off-diagonal scaling, measured here first
 DEFAULT_ALPHA = 0.9
@@ -101,9 +101,12 @@ def sketch(gram: torch.Tensor, k: int, tokens: int = 0) -> InputGram:
 
 
 def regularised(g: InputGram, alpha: float) -> torch.Tensor:
-    """``alpha G + (1 - alpha) diag(G)`` as a dense float64 matrix."""
-    d = g.dense()
-    return alpha * d + (1.0 - alpha) * torch.diag(torch.diagonal(d))
+    """``alpha G + (1 - alpha) diag(G)`` as a dense float64 matrix (a new one)."""
+    d = g.dense().to(COMPUTE_DTYPE, copy=True)
+    diag = torch.diagonal(d).clone()
+    d.mul_(alpha)
+    torch.diagonal(d).add_(diag, alpha=1.0 - alpha)
+    return d
 
 
 def _check(parts: Sequence[tuple[float, LowRank]], grams: Sequence[InputGram], alpha: float) -> None:
@@ -121,17 +124,62 @@ def _check(parts: Sequence[tuple[float, LowRank]], grams: Sequence[InputGram], a
                                    setting="statistics")
 
 
-def _solve_dense(weights: Sequence[float], grams: Sequence[InputGram], rhs: torch.Tensor, alpha: float) -> torch.Tensor:
-    M = sum(w * regularised(g, alpha) for w, g in zip(weights, grams))
-    M = M + torch.eye(M.shape[0], dtype=M.dtype) * (RIDGE * float(torch.diagonal(M).mean().clamp_min(1e-30)))
+@dataclass(frozen=True)
+class Factored:
+    """What RegMean needs of one input site's Grams under given weights and ``alpha``: each ``G_i'`` (dense)
+    or its sketch, and ``M``'s factorisation. Computed once per site and reused by every module the site
+    feeds (``q/k/v_proj`` share one)."""
+
+    grams: tuple[InputGram, ...]
+    weights: tuple[float, ...]
+    alpha: float
+    regs: tuple[torch.Tensor, ...] = ()  # dense path: G_i'
+    L: torch.Tensor | None = None  # dense path: Cholesky factor of M (None: M kept for a general solve)
+    M: torch.Tensor | None = None
+    D: torch.Tensor | None = None  # Woodbury path: M = D + U C U^T
+    U: torch.Tensor | None = None
+    core: torch.Tensor | None = None  # C^-1 + U^T D^-1 U
+
+    def matches(self, grams: Sequence[InputGram], weights: Sequence[float], alpha: float) -> bool:
+        """Whether this factorisation is of these very Gram objects, weights and alpha."""
+        return (len(grams) == len(self.grams) and all(a is b for a, b in zip(grams, self.grams))
+                and tuple(weights) == self.weights and alpha == self.alpha)
+
+    def times_regularised(self, i: int, At: torch.Tensor) -> torch.Tensor:
+        """``G_i' @ At`` (without forming ``G_i'`` for a sketch)."""
+        if self.regs:
+            return self.regs[i] @ At
+        g, a = self.grams[i], self.alpha
+        U, S = g.U.to(COMPUTE_DTYPE), g.S.to(COMPUTE_DTYPE)
+        diag = a * g._resid() + (1.0 - a) * g.diag.to(COMPUTE_DTYPE)
+        return a * (U * S) @ (U.T @ At) + diag[:, None] * At
+
+    def solve(self, rhs: torch.Tensor) -> torch.Tensor:
+        """``M^-1 rhs``."""
+        if self.L is not None:
+            return torch.cholesky_solve(rhs, self.L)
+        if self.M is not None:
+            return torch.linalg.solve(self.M, rhs)
+        Dinv_rhs = rhs / self.D[:, None]
+        if self.U is None:
+            return Dinv_rhs
+        Dinv_U = self.U / self.D[:, None]
+        return Dinv_rhs - Dinv_U @ torch.linalg.solve(self.core, self.U.T @ Dinv_rhs)
+
+
+def _factor_dense(weights: Sequence[float], grams: Sequence[InputGram], alpha: float) -> Factored:
+    regs = tuple(regularised(g, alpha) for g in grams)
+    M = torch.zeros_like(regs[0])
+    for w, r in zip(weights, regs):
+        M.add_(r, alpha=w)
+    torch.diagonal(M).add_(RIDGE * float(torch.diagonal(M).mean().clamp_min(1e-30)))
     L, info = torch.linalg.cholesky_ex(M)
-    if int(info) != 0:
-        return torch.linalg.solve(M, rhs)
-    return torch.cholesky_solve(rhs, L)
+    ok = int(info) == 0
+    return Factored(tuple(grams), tuple(weights), alpha, regs=regs, L=L if ok else None, M=None if ok else M)
 
 
-def _solve_woodbury(weights: Sequence[float], grams: Sequence[InputGram], rhs: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``M^-1 rhs`` for ``M = D + U C U^T`` (every Gram a sketch): ``D`` diagonal, ``U = [U_i]``, ``C`` diagonal."""
+def _factor_woodbury(weights: Sequence[float], grams: Sequence[InputGram], alpha: float) -> Factored:
+    """``M = D + U C U^T`` (every Gram a sketch): ``D`` diagonal, ``U = [U_i]``, ``C`` diagonal."""
     D = sum(w * (alpha * g._resid() + (1.0 - alpha) * g.diag.to(COMPUTE_DTYPE)) for w, g in zip(weights, grams))
     D = D + RIDGE * float((D + sum(w * alpha * (g.U.to(COMPUTE_DTYPE) ** 2 @ g.S.to(COMPUTE_DTYPE))
                                    for w, g in zip(weights, grams))).mean().clamp_min(1e-30))
@@ -140,26 +188,26 @@ def _solve_woodbury(weights: Sequence[float], grams: Sequence[InputGram], rhs: t
     C = torch.cat([w * alpha * g.S.to(COMPUTE_DTYPE) for w, g in keep])
     pos = C > 0
     U, C = U[:, pos], C[pos]
-    Dinv_rhs = rhs / D[:, None]
+    base = Factored(tuple(grams), tuple(weights), alpha, D=D)
     if C.numel() == 0:
-        return Dinv_rhs
-    Dinv_U = U / D[:, None]
-    core = torch.diag(1.0 / C) + U.T @ Dinv_U
-    return Dinv_rhs - Dinv_U @ torch.linalg.solve(core, U.T @ Dinv_rhs)
+        return base
+    core = torch.diag(1.0 / C) + U.T @ (U / D[:, None])
+    return Factored(tuple(grams), tuple(weights), alpha, D=D, U=U, core=core)
 
 
-def _times_regularised(g: InputGram, At: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``G' @ At`` without forming ``G'`` for a sketch."""
-    if g.full is not None:
-        return regularised(g, alpha) @ At
-    U, S = g.U.to(COMPUTE_DTYPE), g.S.to(COMPUTE_DTYPE)
-    diag = alpha * g._resid() + (1.0 - alpha) * g.diag.to(COMPUTE_DTYPE)
-    return alpha * (U * S) @ (U.T @ At) + diag[:, None] * At
+def factor(weights: Sequence[float], grams: Sequence[InputGram], alpha: float) -> Factored:
+    """Factorise ``M = sum_i w_i G_i'`` (+ ridge): Cholesky, or Woodbury when every Gram is a sketch."""
+    weights = [float(w) for w in weights]
+    if all(g.is_sketch for g in grams):
+        return _factor_woodbury(weights, grams, alpha)
+    return _factor_dense(weights, grams, alpha)
 
 
-def regmean(parts: Sequence[tuple[float, LowRank]], grams: Sequence[InputGram], alpha: float = DEFAULT_ALPHA) -> LowRank:
+def regmean(parts: Sequence[tuple[float, LowRank]], grams: Sequence[InputGram], alpha: float = DEFAULT_ALPHA,
+            factored: Factored | None = None) -> LowRank:
     """The RegMean delta of ``parts`` (``(w_i, dW_i)``) with their Grams, factored at rank ``sum r_i``
-    (float64 factors; see the module docstring for the formula and the weight convention)."""
+    (float64 factors; see the module docstring for the formula and the weight convention). ``factored``:
+    a :func:`factor` of these Grams, weights and alpha to reuse (another module of the same input site)."""
     _check(parts, grams, alpha)
     if sum(w for w, _ in parts) <= 0:
         raise CompositionError("regmean needs at least one positive weight", setting="weights")
@@ -167,11 +215,10 @@ def regmean(parts: Sequence[tuple[float, LowRank]], grams: Sequence[InputGram], 
         w, x = parts[0]
         return LowRank(B=x.B.to(COMPUTE_DTYPE), A=x.A.to(COMPUTE_DTYPE))
     weights = [float(w) for w, _ in parts]
-    rhs = torch.cat([w * _times_regularised(g, x.A.to(COMPUTE_DTYPE).T, alpha)
-                     for (w, x), g in zip(parts, grams)], dim=1)  # (in, R): columns w_i G_i' A_i^T
-    if all(g.is_sketch for g in grams):
-        X = _solve_woodbury(weights, grams, rhs, alpha)
-    else:
-        X = _solve_dense(weights, grams, rhs, alpha)
+    if factored is None or not factored.matches(grams, weights, alpha):
+        factored = factor(weights, grams, alpha)
+    rhs = torch.cat([w * factored.times_regularised(i, x.A.to(COMPUTE_DTYPE).T)
+                     for i, (w, x) in enumerate(parts)], dim=1)  # (in, R): columns w_i G_i' A_i^T
+    X = factored.solve(rhs)
     B = torch.cat([x.B.to(COMPUTE_DTYPE) for _, x in parts], dim=1)
     return LowRank(B=B, A=X.T.contiguous())

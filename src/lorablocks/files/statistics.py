@@ -82,10 +82,20 @@ class BlockStatistics:
                                          f"there but {width} in {label}: they were made for different base models")
 
     def gram(self, module: str) -> InputGram:
-        """The Gram of ``module``'s input site, read from disk now (or from memory)."""
+        """The Gram of ``module``'s input site, read from disk now (or from memory); the last two sites read
+        are kept, so that the modules of one site (``q/k/v_proj``) get the same object, read once."""
         site = self.module_site[module]
         if self.grams is not None:
             return self.grams[site]
+        recent = self.__dict__.setdefault("_recent", [])
+        hit = next((g for s, g in recent if s == site), None)
+        if hit is None:
+            hit = self._read(site)
+            recent[:] = [(site, hit), *recent[:1]]
+        return hit
+
+    def _read(self, site: str) -> InputGram:
+        module = self.sites[site].modules[0]
         meta = self.sites[site]
         try:
             with safe_open(str(self.path), framework="pt") as fh:

@@ -20,7 +20,7 @@ from pydantic import Field
 from lorablocks.compose.methods import Method, MethodParams, ModuleContext, ModuleResult
 from lorablocks.compose.methods.ties import compress_as
 from lorablocks.core.algebra import LowRank
-from lorablocks.core.regmean import DEFAULT_ALPHA, regmean
+from lorablocks.core.regmean import DEFAULT_ALPHA, Factored, factor, regmean
 from lorablocks.errors import CompositionError
 
 
@@ -39,7 +39,17 @@ def combine(parts: Sequence[tuple[float, LowRank]], params: RegMeanParams, ctx: 
     dtype = parts[0][1].dtype
     for _, x in parts[1:]:
         dtype = torch.promote_types(dtype, x.dtype)
-    return compress_as(ctx, regmean(parts, ctx.grams, params.alpha), dtype)
+    weights = [float(w) for w, _ in parts]
+    factored = next((f for f in _RECENT if f.matches(ctx.grams, weights, params.alpha)), None)
+    if factored is None and len(parts) > 1:
+        factored = factor(weights, ctx.grams, params.alpha)
+        _RECENT[:] = [factored, *_RECENT[:1]]
+    return compress_as(ctx, regmean(parts, ctx.grams, params.alpha, factored), dtype)
+
+
+#: the last two input sites' factorisations: modules fed by one site (q/k/v) come close together in a
+#: compose, and their Grams are the very same objects (:meth:`BlockStatistics.gram` keeps the last sites read)
+_RECENT: list[Factored] = []
 
 
 METHOD = Method(name="regmean", summary="least squares on each block's input statistics (RegMean), factored",
