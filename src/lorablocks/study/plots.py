@@ -99,6 +99,7 @@ def study_plots(result, out) -> dict[str, str]:
     axes[0][0].set_ylabel("joint PPL change vs merged-data (%)")
     axes[1][0].set_ylabel("own-domain PPL change vs single (%)")
     fig.suptitle("Interference vs weight overlap (left) and function overlap (right); colour: number of blocks k")
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     _save(fig, out / files["fit"], True)
     plt.close(fig)
     _degradation_plot(plt, result, out / files["degradation"])

@@ -24,7 +24,7 @@ def _vs_merged(r: StudyResult) -> list[str]:
                      + "; ".join(parts) + ".")
     other = [s.vs_merged["joint"] for s in r.subsets if s.vs_merged is not None and s.paper_change_pct is None]
     if other:
-        lines.append(f"- Exploratory: naive sum vs merged-data on {len(other)} other subsets: "
+        lines.append(f"- Exploratory: naive sum vs merged-data on {len(other)} other subset{'s' * (len(other) != 1)}: "
                      f"{min(iv.value for iv in other):+.1f} % to {max(iv.value for iv in other):+.1f} %; after Holm "
                      f"really worse on {sum(iv.worse for iv in other)}, really better on {sum(iv.better for iv in other)}, "
                      f"no different on {sum(not iv.significant for iv in other)}.")
@@ -62,10 +62,15 @@ def _predictors(r: StudyResult) -> list[str]:
         lines.append(f"- Fine fit vs {name(pred)} ({tag}): " + "; ".join(bits) + ".")
     for c in [c for c in r.comparisons if c.get("primary")]:
         iv = c["difference"]
-        if iv.significant:
-            stronger = name(c["a"]) if iv.value > 0 else name(c["b"])
-            words = (f"{stronger} predicts better once k is controlled, on these domains and trained blocks "
-                     "(the interval covers test examples, not other domains)")
+        stronger = c["a"] if iv.value > 0 else c["b"]
+        tested = next((x for x in fine if x.predictor == stronger and x.k_controlled and x.family
+                       and "primary" in x.family), None)
+        if iv.significant and tested is not None and tested.significant:
+            words = (f"{name(stronger)} predicts better once k is controlled, on these domains and trained blocks "
+                     "(its own fit passes the permutation test; the difference's interval covers test examples)")
+        elif iv.significant:
+            words = (f"the difference is real over test examples, but {name(stronger)}'s own k-controlled fit does "
+                     "not pass the permutation test over domains, so no predictor is declared better")
         else:
             words = "neither predicts clearly better once k is controlled"
         lines.append(f"- Size-controlled comparison (primary), |partial rho| of {name(c['a'])} minus {name(c['b'])}: "
