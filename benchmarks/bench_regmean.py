@@ -121,6 +121,13 @@ def _records(study: Path) -> dict[str, dict]:
     return {k: v for k, (_, v) in out.items()}
 
 
+def _oracle(recs: dict[str, dict], pair: tuple[str, ...]) -> float:
+    """Joint perplexity of each single block scored on its own domain only (what a perfect router gets)."""
+    from lorablocks.study.analysis import joint_perplexity
+
+    return joint_perplexity({d: recs[f"single:{d}"]["per_example"][d] for d in pair}, pair)
+
+
 def floors_part(a: argparse.Namespace) -> None:
     """The issue's quality floors from a finished (or partial) study folder."""
     import itertools
@@ -129,42 +136,47 @@ def floors_part(a: argparse.Namespace) -> None:
     from lorablocks.study.analysis import joint_perplexity
 
     recs = _records(a.study)
+    rm = next((k.split(":")[0] for k in recs if k.startswith("regmean")), "regmean")  # e.g. regmean(alpha=0.9)
     results = json.loads((a.study / "results.json").read_text()) if (a.study / "results.json").is_file() else {}
-    ivs = {tuple(m["domains"]): m.get("vs_merged") for m in results.get("methods", []) if m.get("method") == "regmean"}
+    ivs = {tuple(m["domains"]): m.get("vs_merged") for m in results.get("methods", [])
+           if str(m.get("method", "")).startswith("regmean")}
     domains = [d for d in ("math", "medicine", "biomed", "finance") if f"single:{d}" in recs]
     joint = lambda label, ds: joint_perplexity(recs[label]["per_example"], ds)  # noqa: E731
     within = closed = pairs = 0
     for pair in itertools.combinations(domains, 2):
         t = "+".join(pair)
-        if not all(f"{k}:{t}" in recs for k in ("sum", "regmean", "merged")):
+        if not all(f"{k}:{t}" in recs for k in ("sum", rm, "merged")):
             continue
-        s, r, m = joint(f"sum:{t}", pair), joint(f"regmean:{t}", pair), joint(f"merged:{t}", pair)
+        s, r, m = joint(f"sum:{t}", pair), joint(f"{rm}:{t}", pair), joint(f"merged:{t}", pair)
         raw = (ivs.get(pair) or {}).get("joint")
-        iv = {k: raw.get(k, raw.get(alt)) for k, alt in (("value", "estimate"), ("low", "lo"), ("high", "hi"))} if raw else None
-        ok = iv["low"] <= 0 if iv else r <= m
+        iv = {k: raw.get(k, raw.get(alt)) for k, alt in (("value", "estimate"), ("low", "lo"), ("high", "hi"),
+                                                            ("p_adj", "p_adj"))} if raw else None
+        ok = iv["low"] <= 0 if iv else r <= m  # the change's 95 % interval reaches zero or lies below it
         gap = (s - r) / (s - m) if s != m else float("nan")
         pairs, within, closed = pairs + 1, within + ok, closed + (gap >= 0.75)
-        ivtext = (f", regmean vs merged {100 * iv['value']:+.1f} % [{100 * iv['low']:+.1f}, {100 * iv['high']:+.1f}]"
-                  if iv else "")
+        ivtext = (f", regmean vs merged {iv['value']:+.1f} % [{iv['low']:+.1f}, {iv['high']:+.1f}] (Holm p "
+                  f"{iv['p_adj']})" if iv else "")
+        oracle = _oracle(recs, pair)
+        ivtext += f"; each single on its own domain (an oracle router) {oracle:.3f}"
         print(f"  {t}: joint perplexity sum {s:.3f}, regmean {r:.3f}, merged-data {m:.3f}{ivtext}; "
               f"gap closed {100 * gap:.0f} %; within or better: {ok}")
     print(f"floor: within merged-data's interval or better on {within} of {pairs} pairs (>= 5 of 6: "
           f"{'PASS' if within >= 5 and pairs == 6 else 'FAIL'}); >= 75 % of the gap closed on {closed} of {pairs} "
           f"({'PASS' if closed == pairs == 6 else 'FAIL'})")
     t = "+".join(domains)
-    if f"sum:{t}" in recs and f"regmean:{t}" in recs:
+    if f"sum:{t}" in recs and f"{rm}:{t}" in recs:
         own = lambda label, d: recs[label]["domains"][d]["perplexity"]  # noqa: E731
         ds = [own(f"sum:{t}", d) / own(f"single:{d}", d) - 1 for d in domains]
-        dr = [own(f"regmean:{t}", d) / own(f"single:{d}", d) - 1 for d in domains]
+        dr = [own(f"{rm}:{t}", d) / own(f"single:{d}", d) - 1 for d in domains]
         for d, x, y in zip(domains, ds, dr):
             print(f"  {t} on {d}: vs its single block sum {100 * x:+.1f} %, regmean {100 * y:+.1f} %")
         removed = 1 - (sum(dr) / len(dr)) / (sum(ds) / len(ds))
         print(f"floor: regmean removes {100 * removed:.0f} % of the sum's mean own-domain degradation on the "
               f"{len(domains)}-block sum (>= 50 %: {'PASS' if removed >= 0.5 else 'FAIL'})")
     for d in domains:
-        if f"unlearn-regmean:{d}" in recs and f"unlearn:{d}" in recs:
+        if f"unlearn-{rm}:{d}" in recs and f"unlearn:{d}" in recs:
             print(f"  unlearning {d}: the sum of all minus it {recs[f'unlearn:{d}']['domains'][d]['perplexity']:.3f}, "
-                  f"regmean of the others {recs[f'unlearn-regmean:{d}']['domains'][d]['perplexity']:.3f}, "
+                  f"regmean of the others {recs[f'unlearn-{rm}:{d}']['domains'][d]['perplexity']:.3f}, "
                   f"its single {recs[f'single:{d}']['domains'][d]['perplexity']:.3f}, "
                   f"base {recs['base']['domains'][d]['perplexity']:.3f} (on {d})")
 
