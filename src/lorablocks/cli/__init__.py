@@ -14,14 +14,15 @@ one line, nothing written. ``lorablocks.cli.app`` is the Typer application once 
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+# only what the interpreter has loaded anyway: the SIGINT handler is installed before any other import
 import os
 import signal
 import sys
-import threading
-from types import ModuleType
-from typing import Any
+
+TYPE_CHECKING = False  # typing is not imported at run time (see above)
+if TYPE_CHECKING:
+    from types import ModuleType
+    from typing import Any
 
 __all__ = ["app", "main", "run_app", "INTERRUPTED", "install_interrupt_handler", "raise_on_interrupt"]
 
@@ -65,6 +66,9 @@ def raise_on_interrupt() -> None:
 
 def _load() -> ModuleType:
     """Import the app module and every verb module (each registers its commands); return the app module."""
+    import importlib
+    import importlib.util
+
     # Idle OpenMP threads sleep instead of spinning: on shared cores spinning threads made steps 10-30x slower
     # (benchmarks/bench_precision.py); must be set before torch is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -91,8 +95,10 @@ def run_app(argv: list[str] | None = None) -> int:
 
 def main() -> None:
     """Console entry point: exit with :func:`run_app`'s code; Ctrl-C at any moment exits 130 with one line."""
-    if threading.current_thread() is threading.main_thread():
+    try:
         install_interrupt_handler()
+    except ValueError:  # not the main thread (an embedding application): its own Ctrl-C handling stays
+        pass
     try:
         code = run_app(sys.argv[1:])
     except KeyboardInterrupt:  # between the boundary's own handlers
