@@ -110,3 +110,13 @@ def test_statistics_of_another_width_are_refused():
     parts = [(1.0, _block(4, 6, 2, 0)), (1.0, _block(4, 6, 2, 1))]
     with pytest.raises(CompositionError, match="width 5"):
         regmean(parts, [InputGram.exact(_gram(6, 20, 0)), InputGram.exact(_gram(5, 20, 0))], 0.9)
+
+
+def test_float32_grams_factorised_in_float32_and_refined_match_float64():
+    """Stored (float32) Grams take a float32 Cholesky refined in float64: the same result as float64 throughout."""
+    parts = [(1.0, _block(10, 64, 4, 0)), (2.0, _block(10, 64, 4, 1)), (0.5, _block(10, 64, 4, 2))]
+    grams = [_gram(64, 50 + 20 * i, 20 + i) * 10.0 ** i for i in range(3)]  # rank-deficient, scales 1 to 100
+    out32 = regmean(parts, [InputGram.exact(G.float()) for G in grams], 0.9)
+    ref = _dense_reference(parts, [G.float().double() for G in grams], 0.9)
+    err = float((to_dense(out32, torch.float64) - ref).norm() / ref.norm())
+    assert err < 1e-5, err

@@ -102,7 +102,7 @@ def sketch(gram: torch.Tensor, k: int, tokens: int = 0) -> InputGram:
 
 def regularised(g: InputGram, alpha: float) -> torch.Tensor:
     """``alpha G + (1 - alpha) diag(G)`` as a dense float64 matrix (a new one)."""
-    d = g.dense().to(COMPUTE_DTYPE, copy=True)
+    d = g.full.to(COMPUTE_DTYPE, copy=True) if g.full is not None else g.dense()  # dense() is a new matrix
     diag = torch.diagonal(d).clone()
     d.mul_(alpha)
     torch.diagonal(d).add_(diag, alpha=1.0 - alpha)
