@@ -193,8 +193,8 @@ def test_without_keys_changes_come_only_from_this_machine(base):
         assert client_for(base, peer=peer).post("/v1/blocks/math", json={"weight": 0.5}).status_code == 200
 
 
-@pytest.mark.parametrize("access, message", [({"api_key": ""}, "api key"), ({"admin_key": ""}, "admin key"),
-                                             ({"api_key": "two words"}, "api key"),
+@pytest.mark.parametrize("access, message", [({"api_key": ""}, "API key"), ({"admin_key": ""}, "admin key"),
+                                             ({"api_key": "two words"}, "API key"),
                                              ({"api_key": "same", "admin_key": "same"}, "must differ"),
                                              ({"max_body_bytes": 0}, "body limit")])
 def test_empty_or_unusable_keys_are_refused(access, message):

@@ -57,10 +57,10 @@ class Access:
     max_body_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
-        for setting, key in (("api_key", self.api_key), ("admin_key", self.admin_key)):
+        for setting, label, key in (("api_key", "API key", self.api_key), ("admin_key", "admin key", self.admin_key)):
             if key is not None and (not key or not all("!" <= c <= "~" for c in key)):
-                raise LoraBlocksError(f"the {setting.replace('_', ' ')} must be a non-empty string of printable "
-                                      "ASCII without spaces (leave it unset for none)", setting=setting)
+                raise LoraBlocksError(f"the {label} must be a non-empty string of printable ASCII without spaces "
+                                      "(leave it unset for none)", setting=setting)
         if self.api_key is not None and self.api_key == self.admin_key:
             raise LoraBlocksError("the admin key must differ from the API key (else every client could change "
                                   "the composition)", setting="admin_key")
