@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 
 import httpx
 import pytest
@@ -202,7 +201,7 @@ def test_empty_or_unusable_keys_are_refused(access, message):
         Access(**access)
 
 
-def test_serve_refuses_an_empty_api_key_before_loading(model_dir, blocks_dir, capsys):
+def test_serve_refuses_an_empty_api_key_before_listening(model_dir, blocks_dir, capsys):
     from lorablocks.cli import run_app
 
     with socket.create_server(("127.0.0.1", 0)) as busy:  # were the key accepted, binding would fail after loading
@@ -210,8 +209,6 @@ def test_serve_refuses_an_empty_api_key_before_loading(model_dir, blocks_dir, ca
         for flags, message in [(["--api-key", ""], "--api-key"), (["--admin-key", ""], "--admin-key"),
                                (["--api-key", "k", "--admin-key", "k"], "must differ"),
                                (["--max-body-bytes", "0"], "--max-body-bytes")]:
-            t0 = time.monotonic()
             code = run_app(["serve", "--model", str(model_dir), "--blocks", str(blocks_dir), "--port", port, *flags])
             err = capsys.readouterr().err
             assert code == 2 and message in err and "cannot listen" not in err, err
-            assert time.monotonic() - t0 < 60
