@@ -29,8 +29,8 @@ SEED = int(os.environ.get("LORABLOCKS_FUZZ_SEED", "1414"))
 CASES = int(os.environ.get("LORABLOCKS_FUZZ_CASES", "1000"))
 BATCH, CAP = 50, 16384
 MODULE = "model.layers.1.mlp.down_proj"
-NAMES = ["math", "words", "corrupt", "loop", "escape", "nope", "", ".", "..", ".hidden", "a/b", "ma th", "\u00e9t\u00e9",
-         "x" * 300, "%2e%2e", "math\x00", "\ud800", "CON"]
+NAMES = ["math", "words", "corrupt", "loop", "escape", "nope", "", ".", "..", ".hidden", "a/b", "ma th",
+         "\u00e9t\u00e9", "x" * 300, "%2e%2e", "math\x00", "\ud800", "CON"]
 
 
 @pytest.fixture(scope="module")

@@ -87,7 +87,8 @@ class BlockLibrary:
         try:
             real = path.resolve()
         except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
-            raise BlockNameError(f"block {name!r} leads into a symlink loop; it is not loaded", setting="name") from None
+            raise BlockNameError(f"block {name!r} leads into a symlink loop; it is not loaded",
+                                 setting="name") from None
         return real != self.root and real.is_relative_to(self.root)
 
     def names(self) -> list[str]:

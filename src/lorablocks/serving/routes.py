@@ -197,7 +197,8 @@ async def _respond(live: LiveModel, runner: Runner, settings: AppSettings, ids: 
 
 
 def _changed(report: ChangeReport) -> JSONResponse:
-    body = {"available": list(report.available), "active": [{"name": b.name, "weight": b.weight} for b in report.active],
+    active = [{"name": b.name, "weight": b.weight} for b in report.active]
+    body = {"available": list(report.available), "active": active,
             "fingerprint": report.fingerprint, "seconds": report.seconds, "locked_seconds": report.locked_seconds}
     return JSONResponse(body, headers={FINGERPRINT_HEADER: report.fingerprint})
 
