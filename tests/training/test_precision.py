@@ -151,7 +151,8 @@ def test_bf16_training_keeps_lora_and_optimizer_float32_and_lands_near_fp32(tiny
     model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda mod, i, o: out_dtypes.append(o.dtype))
     runs = {}
     for p in ("fp32", "bf16"):
-        cfg = _cfg(m, domains["math"], tmp_path / p, precision=p, checkpoint_every=4, keep_checkpoints=True)
+        cfg = _cfg(m, domains["math"], tmp_path / p, precision=p, checkpoint_every=4, keep_checkpoints=True,
+                   statistics=False)  # the statistics pass after training runs in float32 by design
         runs[p] = train_adapter(cfg, model=model, tokenizer=tok, progress=False).record
         step = cfg.checkpoint_path / "step-0000004"
         lora, optim = load_file(str(step / "lora.safetensors")), load_file(str(step / "optimizer.safetensors"))
