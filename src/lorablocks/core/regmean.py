@@ -100,9 +100,9 @@ def sketch(gram: torch.Tensor, k: int, tokens: int = 0) -> InputGram:
                      S=vals.to(gram.dtype), tokens=tokens)
 
 
-def regularised(g: InputGram, alpha: float) -> torch.Tensor:
-    """``alpha G + (1 - alpha) diag(G)`` as a dense float64 matrix (a new one)."""
-    d = g.full.to(COMPUTE_DTYPE, copy=True) if g.full is not None else g.dense()  # dense() is a new matrix
+def regularised(g: InputGram, alpha: float, dtype: torch.dtype = COMPUTE_DTYPE) -> torch.Tensor:
+    """``alpha G + (1 - alpha) diag(G)`` as a new dense matrix (float64 unless ``dtype`` says otherwise)."""
+    d = g.full.to(dtype, copy=True) if g.full is not None else g.dense().to(dtype)  # dense() is a new matrix
     diag = torch.diagonal(d).clone()
     d.mul_(alpha)
     torch.diagonal(d).add_(diag, alpha=1.0 - alpha)
@@ -136,6 +136,7 @@ class Factored:
     regs: tuple[torch.Tensor, ...] = ()  # dense path: G_i'
     L: torch.Tensor | None = None  # dense path: Cholesky factor of M (None: M kept for a general solve)
     M: torch.Tensor | None = None
+    scale: torch.Tensor | None = None  # float32 path: L factors diag(s)^-1 M diag(s)^-1, M kept in float64
     D: torch.Tensor | None = None  # Woodbury path: M = D + U C U^T
     U: torch.Tensor | None = None
     core: torch.Tensor | None = None  # C^-1 + U^T D^-1 U
@@ -148,14 +149,19 @@ class Factored:
     def times_regularised(self, i: int, At: torch.Tensor) -> torch.Tensor:
         """``G_i' @ At`` (without forming ``G_i'`` for a sketch)."""
         if self.regs:
-            return self.regs[i] @ At
+            return (self.regs[i] @ At.to(self.regs[i].dtype)).to(COMPUTE_DTYPE)
         g, a = self.grams[i], self.alpha
         U, S = g.U.to(COMPUTE_DTYPE), g.S.to(COMPUTE_DTYPE)
         diag = a * g._resid() + (1.0 - a) * g.diag.to(COMPUTE_DTYPE)
         return a * (U * S) @ (U.T @ At) + diag[:, None] * At
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
-        """``M^-1 rhs``."""
+        """``M^-1 rhs`` (float64)."""
+        if self.scale is not None:  # float32 Cholesky of the Jacobi-scaled M, one float64 refinement step
+            s = self.scale
+            X = torch.cholesky_solve((rhs / s[:, None]).float(), self.L).double() / s[:, None]
+            res = rhs - self.M @ X
+            return X + torch.cholesky_solve((res / s[:, None]).float(), self.L).double() / s[:, None]
         if self.L is not None:
             return torch.cholesky_solve(rhs, self.L)
         if self.M is not None:
@@ -167,7 +173,34 @@ class Factored:
         return Dinv_rhs - Dinv_U @ torch.linalg.solve(self.core, self.U.T @ Dinv_rhs)
 
 
+def _factor_float32(weights: Sequence[float], grams: Sequence[InputGram], alpha: float) -> Factored | None:
+    """Grams stored in float32 (what statistics files hold): ``M`` is formed in float32 and scaled by its
+    diagonal, ``S = D^-1/2 M D^-1/2``. With ``alpha < 1`` every ``G_i'`` dominates ``(1 - alpha) diag(G_i)``,
+    so ``S >= (1 - alpha) I`` and ``cond(S) <= in / (1 - alpha)``: a float32 Cholesky of ``S`` plus one float64
+    refinement step against ``M`` solves to float64 accuracy, in about half the time of a float64 Cholesky.
+    None (use float64) for ``alpha = 1`` or a Cholesky that fails."""
+    if alpha >= 1.0:
+        return None
+    regs = tuple(regularised(g, alpha, torch.float32) for g in grams)
+    M = torch.zeros_like(regs[0])
+    for w, r in zip(weights, regs):
+        M.add_(r, alpha=w)
+    torch.diagonal(M).add_(RIDGE * float(torch.diagonal(M).mean().clamp_min(1e-30)))
+    s = torch.diagonal(M).double().clamp_min(1e-300).sqrt()
+    sf = s.float()
+    S = M / sf[:, None]
+    S /= sf[None, :]
+    L, info = torch.linalg.cholesky_ex(S)
+    if int(info) != 0:
+        return None
+    return Factored(tuple(grams), tuple(weights), alpha, regs=regs, L=L, M=M.double(), scale=s)
+
+
 def _factor_dense(weights: Sequence[float], grams: Sequence[InputGram], alpha: float) -> Factored:
+    if all(g.full is not None and g.full.dtype == torch.float32 for g in grams):
+        fast = _factor_float32(weights, grams, alpha)
+        if fast is not None:
+            return fast
     regs = tuple(regularised(g, alpha) for g in grams)
     M = torch.zeros_like(regs[0])
     for w, r in zip(weights, regs):
