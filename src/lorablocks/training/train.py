@@ -48,12 +48,13 @@ from lorablocks.training.checkpoint import load_checkpoint as _load_checkpoint
 from lorablocks.training.checkpoint import save_checkpoint as _save_checkpoint  # a module global: tests interrupt it
 from lorablocks.training.config import RUN_ONLY, TrainConfig, load_config
 from lorablocks.training.data import (
-    Domain, Example, TokenizedExample, TokenizedSet, bucket_window, collate, resolve_domains,
+    Domain, Example, TokenizedSet, collate, resolve_domains,
     tokenize_examples,
 )
 from lorablocks.training.loss import AnswerNLL
 from lorablocks.training.precision import ResolvedPrecision, resolve_precision
 from lorablocks.training.progress import TrainProgress as _Progress
+from lorablocks.training.schedule import _micro_batches, batch_schedule
 from lorablocks.training.statistics import write_training_statistics
 from lorablocks.passes.evaluate import validation_loss as _validation_loss
 
@@ -118,69 +119,6 @@ class LoraRun:
     accelerator: Any
     targets: list[str]
     precision: ResolvedPrecision
-
-
-# ------------------------------------------------------------------------------------------- schedule
-
-
-def batch_schedule(
-    sizes: Sequence[int], lengths: Sequence[Sequence[int]], batch_size: int, steps: int, seed: int, window: int
-) -> list[list[tuple[int, int]]]:
-    """The global batches ``[(domain, example index), ...]`` of steps ``0 .. steps-1``, a pure function.
-
-    Example ``j`` of the stream comes from domain ``j mod K`` (balanced); each domain walks through
-    seeded shuffles of its examples, one per epoch. Every ``window`` batches are sorted by length, cut
-    into batches, and visited in a seeded order; each batch is sorted by length (shortest first).
-    """
-    K = len(sizes)
-    streams: list[list[int]] = [[] for _ in range(K)]
-    epochs = [0] * K
-    taken = [0] * K
-
-    def next_of(k: int) -> int:
-        if taken[k] >= len(streams[k]):
-            perm = list(range(sizes[k]))
-            random.Random(f"{seed}:{k}:{epochs[k]}").shuffle(perm)
-            streams[k].extend(perm)
-            epochs[k] += 1
-        taken[k] += 1
-        return streams[k][taken[k] - 1]
-
-    out: list[list[tuple[int, int]]] = []
-    j = 0
-    w = 0
-    while len(out) < steps:
-        n = batch_size * window
-        items = []
-        for _ in range(n):
-            k = j % K
-            items.append((k, next_of(k)))
-            j += 1
-        flat_len = [lengths[k][i] for k, i in items]
-        batches = bucket_window(range(n), flat_len, batch_size)
-        random.Random(f"{seed}:window:{w}").shuffle(batches)
-        out.extend([[items[i] for i in b] for b in batches])
-        w += 1
-    return out[:steps]
-
-
-def _micro_batches(exs: Sequence[TokenizedExample], size: int, tokens: int) -> list[list[TokenizedExample]]:
-    """Consecutive chunks of a process's share of a batch: at most ``size`` examples and, if ``tokens``,
-    at most ``tokens`` padded tokens each (always at least one example). The loss is normalised by the
-    global token count, so the chunking changes memory, not the result."""
-    chunks: list[list[TokenizedExample]] = []
-    cur: list[TokenizedExample] = []
-    width = 0
-    for e in exs:
-        w = max(width, len(e))
-        if cur and (len(cur) >= size or (tokens and (len(cur) + 1) * w > tokens)):
-            chunks.append(cur)
-            cur, w = [], len(e)
-        cur.append(e)
-        width = w
-    if cur:
-        chunks.append(cur)
-    return chunks
 
 
 def _has_accelerator() -> bool:
