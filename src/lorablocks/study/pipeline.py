@@ -7,7 +7,7 @@ Stages (BRIEF, "The study"), per seed (each in :mod:`lorablocks.study.stages`, c
    number of optimizer steps per domain, so ``|S| * steps_per_domain`` in all);
 3. every sum of two or more single adapters (exact, factored), and every configured method beside it
    (``regmean`` with each block's input statistics; unlearning with it is recomposing without the block,
-   scored on the block's own domain as ``unlearn-regmean:<domain>``);
+   scored on the block's own domain as ``unlearn-<method label>:<domain>``, e.g. ``unlearn-regmean(alpha=0.9):math``);
 4. perplexity on the held-out split: the base model and the singles on every domain; a sum, a method's
    combination and a merged-data adapter on the domains of its subset; the unlearned sums (the sum of all
    minus one) on every domain; each example's NLL is kept for the intervals;
