@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lorablocks.errors import LoraBlocksError, OutputExistsError
-from lorablocks.files import outputs
+from lorablocks.files import interrupts, outputs
 from lorablocks.files.outputs import (
     OutputRefusedError,
     OutputWriteError,
@@ -307,7 +307,7 @@ def test_no_output_is_holds_or_lies_inside_an_input_read(tmp_path):
 
 
 def test_nothing_is_moved_into_place_after_an_interrupt(tmp_path, monkeypatch):
-    monkeypatch.setattr(outputs, "_INTERRUPTED", False)
+    monkeypatch.setattr(interrupts, "_INTERRUPTED", False)
     assert not outputs.writing()
     with pytest.raises(KeyboardInterrupt):
         with atomic_dir(tmp_path / "out") as tmp:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lorablocks.errors import LoraBlocksError, OutputExistsError, one_line
+from lorablocks.files.interrupts import interrupt_noted, note_interrupt, refuse_if_interrupted, writing, writing_output
 from lorablocks.files.records import (RECORD_NAME, STUDY_MARKER, TRAIN_RECORD_NAME, input_refusal, note_input,
                                       output_kind, reading_inputs, refusal, sha256_file, sha256_path, utc_now,
                                       versions)
@@ -106,45 +107,6 @@ def _refused(path: Path, reason: str, force: bool) -> OutputRefusedError:
         return OutputRefusedError(f"{path} {reason}; lorablocks replaces only its own previous outputs", path)
     exists = "exists and " if os.path.lexists(path) else ""
     return OutputRefusedError(f"{path} {exists}{reason}; choose another output path", path)
-
-
-# --- interrupts -------------------------------------------------------------------------------------------
-
-#: Atomic writers open in this process, and whether Ctrl-C was pressed (see :func:`note_interrupt`).
-_WRITING = 0
-_INTERRUPTED = False
-
-
-def note_interrupt() -> None:
-    """Record that the user interrupted the process (the CLI's SIGINT handler calls this): from now on no
-    output is moved into place, even if the KeyboardInterrupt was swallowed by some library on its way up."""
-    global _INTERRUPTED
-    _INTERRUPTED = True
-
-
-def interrupt_noted() -> bool:
-    """Whether :func:`note_interrupt` was called."""
-    return _INTERRUPTED
-
-
-def writing() -> bool:
-    """Whether an atomic output is being written now (an interrupt must then unwind, to remove it)."""
-    return _WRITING > 0
-
-
-@contextlib.contextmanager
-def _writing() -> Iterator[None]:
-    global _WRITING
-    _WRITING += 1
-    try:
-        yield
-    finally:
-        _WRITING -= 1
-
-
-def _refuse_if_interrupted() -> None:
-    if _INTERRUPTED:
-        raise KeyboardInterrupt
 
 
 def check_not_input(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> Path:
@@ -264,7 +226,7 @@ def _finish(tmp: Path, final: Path, force: bool, kind: str | None, inputs: list,
     """Move the finished ``tmp`` into place (see the module docstring); on refusal or after an interrupt
     remove ``tmp``."""
     try:
-        _refuse_if_interrupted()
+        refuse_if_interrupted()
         if force:
             reason = refusal(final, kind, inputs, strict)
             if reason is not None:
@@ -385,7 +347,7 @@ def atomic_dir(path: str | os.PathLike, force: bool = False, *, kind: str | None
     that kind is replaced. Without ``kind``, ``force`` may replace any folder lorablocks owns (a cache).
     ``inputs`` are paths the output must never replace or contain.
     """
-    with _writing():
+    with writing_output():
         yield from _atomic_dir(Path(path), force, kind, list(inputs))
 
 
@@ -414,7 +376,7 @@ def atomic_file(path: str | os.PathLike, force: bool = False, mode: str = "w", *
                 inputs: Iterable[str | os.PathLike] = ()) -> Iterator[Any]:
     """Open a temporary file beside ``path`` for writing; move it into place when the block succeeds.
     With ``force`` an existing file is replaced, never a folder."""
-    with _writing():
+    with writing_output():
         yield from _atomic_file(Path(path), force, mode, list(inputs))
 
 
