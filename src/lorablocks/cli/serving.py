@@ -13,8 +13,8 @@ import typer
 
 from lorablocks.cli import raise_on_interrupt
 from lorablocks.cli.app import app, console
-from lorablocks.cli.options import (AllowBaseOpt, DensityOpt, MajorityOpt, MethodOpt, SpaceOpt, WeightsOpt,
-                                    method_params, parse_weights)
+from lorablocks.cli.options import (AllowBaseOpt, AlphaOpt, DensityOpt, MajorityOpt, MethodOpt, SpaceOpt,
+                                    WeightsOpt, method_params, parse_weights)
 from lorablocks.errors import LoraBlocksError
 
 ModelOpt = Annotated[str, typer.Option("--model", help="Base model: smollm2-135m (built in), a local folder or a hub id.")]
@@ -103,6 +103,11 @@ def serve_cmd(
     max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", help="Largest request body (more: 413, refused while it arrives).")] = 1 << 20,
     max_tokens_limit: Annotated[int, typer.Option("--max-tokens-limit", help="Largest max_tokens a request may ask for.")] = 512,
     active: Annotated[Optional[str], typer.Option("--active", help="Composition at start: NAME[:WEIGHT],... (default: the base model).")] = None,
+    method: MethodOpt = "sum",
+    density: DensityOpt = None,
+    space: SpaceOpt = None,
+    majority_sign: MajorityOpt = None,
+    alpha: AlphaOpt = None,
     workers: Annotated[int, typer.Option("--workers", help="Generations run at once.")] = 4,
     queue: Annotated[int, typer.Option("--queue", help="Generations that may wait beyond those (more: 503).")] = 32,
     threads: Annotated[Optional[int], typer.Option("--threads", help="torch threads per generation (default: torch's; 1 suits several generations on few cores).")] = None,
@@ -112,7 +117,8 @@ def serve_cmd(
 
     Refused: a Host not listed (421), a body over --max-body-bytes (413), a POST/PUT body that is not
     'Content-Type: application/json' (415), a change of composition without the admin key (or, with no key
-    at all, from another machine: 403). A failed change changes nothing.
+    at all, from another machine: 403). A failed change changes nothing. Every change composes the active
+    blocks by --method (regmean: from each block's stored input statistics; a block without them is refused).
     """
     from lorablocks.serving.server import ServeSettings, serve
 
@@ -128,7 +134,9 @@ def serve_cmd(
                              admin_key=admin_key, allowed_hosts=tuple(allowed_host or ()),
                              max_body_bytes=max_body_bytes, max_tokens_limit=max_tokens_limit,
                              active=parse_active(active), workers=workers, queue=queue,
-                             cache_dir=str(cache_dir) if cache_dir else None)
+                             cache_dir=str(cache_dir) if cache_dir else None, method=method,
+                             params=method_params(density=density, space=space, majority_sign=majority_sign,
+                                                  alpha=alpha))
     serving = []
 
     def announce(line: str) -> None:

@@ -14,11 +14,12 @@ import contextlib
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from lorablocks.compose.methods import get_method, validate_params
 from lorablocks.compose.recipe import MemorySource, Recipe, compose, scaled_overflows
 from lorablocks.core.algebra import Delta
 from lorablocks.errors import CompositionError
@@ -27,7 +28,8 @@ from lorablocks.model.session import ComposedModel
 from lorablocks.serving.blocks import BlockLibrary, LoadedBlock, check_blocks_fit, live_recipe
 from lorablocks.serving.errors import ServerBusyError, UnknownBlockError
 
-__all__ = ["BASE_FINGERPRINT", "RWLock", "ActiveBlock", "ChangeReport", "LiveModel", "Runner"]
+__all__ = ["BASE_FINGERPRINT", "RWLock", "ActiveBlock", "ChangeReport", "LiveModel", "Runner", "check_method",
+           "check_statistics"]
 
 #: the fingerprint reported while no block is active
 BASE_FINGERPRINT = "base"
@@ -92,11 +94,30 @@ class ChangeReport:
     available: tuple[str, ...] = ()
 
 
-class LiveModel:
-    """A composed model, its block library, and the active blocks ``[(name, weight), ...]``."""
+def check_method(method: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``params`` if ``method`` exists and takes them (:class:`CompositionError` otherwise)."""
+    validate_params(get_method(method), dict(params or {}))
+    return dict(params or {})
 
-    def __init__(self, composed: ComposedModel, library: BlockLibrary) -> None:
+
+def check_statistics(loaded: Sequence[LoadedBlock], method: str) -> None:
+    """Refuse, naming it, the first block without stored input statistics when ``method`` needs them."""
+    if not get_method(method).needs_statistics:
+        return
+    bare = next((b for b in loaded if b.file.statistics is None), None)
+    if bare is not None:
+        raise CompositionError(f"block {bare.name!r} has no input statistics, which {method} needs: collect them "
+                               f"with `lorablocks stats {bare.name} --data DOMAIN`", setting="statistics")
+
+
+class LiveModel:
+    """A composed model, its block library, the server-wide composition method (and its parameters), and the
+    active blocks ``[(name, weight), ...]``: every change composes them by that method."""
+
+    def __init__(self, composed: ComposedModel, library: BlockLibrary, method: str = "sum",
+                 params: Mapping[str, Any] | None = None) -> None:
         self.composed, self.library = composed, library
+        self.method, self.params = method, check_method(method, params)
         self.lock = RWLock()
         self._change = threading.Lock()  # one change at a time (read-modify-write of the active list)
         #: (active blocks, fingerprint), replaced as one value under the write lock
@@ -111,10 +132,10 @@ class LiveModel:
         return self._current[1]
 
     def state(self) -> dict[str, Any]:
-        """``{"available": [...], "active": [{"name", "weight"}], "fingerprint": ...}``."""
+        """``{"available": [...], "active": [{"name", "weight"}], "fingerprint", "method", "params"}``."""
         active, fp = self._current
         return {"available": self.library.names(), "active": [{"name": b.name, "weight": b.weight} for b in active],
-                "fingerprint": fp}
+                "fingerprint": fp, "method": self.method, "params": dict(self.params)}
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[str]:
@@ -173,12 +194,14 @@ class LiveModel:
         return ChangeReport(*self._current, t2 - t0, t2 - t1, available)
 
     def _compose(self, loaded: Sequence[LoadedBlock], weights: Sequence[float]) -> tuple[Delta, Recipe | None]:
-        """The live recipe of ``loaded`` and its delta, checked against the model (before any lock)."""
+        """The live recipe of ``loaded`` by the server's method and its delta, checked against the model (before
+        any lock); a method that needs statistics composes from each block's stored ones."""
         if not loaded:
             return {}, None
         check_blocks_fit([b.file for b in loaded])
         self.composed.check_base_model([(b.name, b.file.base_model) for b in loaded])
-        recipe = live_recipe([b.block(w) for b, w in zip(loaded, weights)])
+        check_statistics(loaded, self.method)
+        recipe = live_recipe([b.block(w) for b, w in zip(loaded, weights)], self.method, self.params)
         composition = compose(recipe, [MemorySource(b.delta, statistics=b.file.statistics) for b in loaded])
         check_delta_fits(self.composed.model, composition.delta, label="the composition")
         return composition.delta, recipe

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,10 +28,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
+from lorablocks.compose.methods import get_method
 from lorablocks.errors import LoraBlocksError
 from lorablocks.serving.errors import RequestError
 from lorablocks.serving.guard import LOG, Access, Guard, error_for, error_json
-from lorablocks.serving.live import LiveModel, Runner
+from lorablocks.serving.live import LiveModel, Runner, check_method, check_statistics
 from lorablocks.serving.routes import FINGERPRINT_HEADER, AppSettings, add_routes
 
 __all__ = ["FINGERPRINT_HEADER", "Access", "AppSettings", "ServeSettings", "create_app", "serve"]
@@ -104,7 +105,8 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "bytes"}
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """``lorablocks serve``: model, blocks folder, address, limits, and the composition at start."""
+    """``lorablocks serve``: model, blocks folder, address, limits, the composition method (and its parameters)
+    of every change, and the composition at start."""
 
     blocks: str
     model: str = "smollm2-135m"
@@ -120,6 +122,8 @@ class ServeSettings:
     workers: int = 4
     queue: int = 32
     cache_dir: str | None = None
+    method: str = "sum"
+    params: Mapping[str, Any] = field(default_factory=dict)
 
     def access(self, bound: str) -> Access:
         """Who may do what, once the server listens on address ``bound``."""
@@ -153,9 +157,12 @@ def serve(settings: ServeSettings, announce: Callable[[str], None] = print) -> N
         raise RequestError("the max_tokens limit must be a positive integer", setting="max_tokens_limit")
     settings.access(settings.host)  # the keys and limits, checked before the slow model load
     library = BlockLibrary(settings.blocks)
+    params = check_method(settings.method, settings.params)
     for name, _ in settings.active:  # name errors before the slow model load
         library.path(name)
-    live = LiveModel(ComposedModel.load(settings.model, cache_dir=settings.cache_dir), library)
+    if settings.active and get_method(settings.method).needs_statistics:  # a block without them, before the load
+        check_statistics([library.get(name) for name, _ in settings.active], settings.method)
+    live = LiveModel(ComposedModel.load(settings.model, cache_dir=settings.cache_dir), library, settings.method, params)
     if settings.active:
         live.set_active(settings.active)
     sock = _bind(settings.host, settings.port)
@@ -167,7 +174,7 @@ def serve(settings: ServeSettings, announce: Callable[[str], None] = print) -> N
     server = _Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=10), runner)
     shown = f"[{host}]" if ":" in host else host
     announce(f"serving {settings.model} on http://{shown}:{port}/v1 ({len(library.names())} blocks available, "
-             f"composition {live.fingerprint[:12]}); Ctrl-C stops")
+             f"composition {live.fingerprint[:12]}, method {live.method}); Ctrl-C stops")
     if not settings.api_key and host not in ("127.0.0.1", "::1", "localhost"):
         announce(f"warning: listening on {host} without --api-key: anyone who can reach it can generate")
     try:
