@@ -151,6 +151,9 @@ class Factored:
         if self.regs:
             return (self.regs[i] @ At.to(self.regs[i].dtype)).to(COMPUTE_DTYPE)
         g, a = self.grams[i], self.alpha
+        if g.full is not None:  # float32 path: alpha G A^T + (1 - alpha) diag(G) A^T, G' never formed
+            diag = torch.diagonal(g.full).to(COMPUTE_DTYPE)
+            return (a * (g.full @ At.to(g.full.dtype))).to(COMPUTE_DTYPE) + (1.0 - a) * diag[:, None] * At
         U, S = g.U.to(COMPUTE_DTYPE), g.S.to(COMPUTE_DTYPE)
         diag = a * g._resid() + (1.0 - a) * g.diag.to(COMPUTE_DTYPE)
         return a * (U * S) @ (U.T @ At) + diag[:, None] * At
@@ -181,10 +184,11 @@ def _factor_float32(weights: Sequence[float], grams: Sequence[InputGram], alpha:
     None (use float64) for ``alpha = 1`` or a Cholesky that fails."""
     if alpha >= 1.0:
         return None
-    regs = tuple(regularised(g, alpha, torch.float32) for g in grams)
-    M = torch.zeros_like(regs[0])
-    for w, r in zip(weights, regs):
-        M.add_(r, alpha=w)
+    # M = sum_i w_i (alpha G_i + (1 - alpha) diag(G_i)) without forming any G_i' (each would be an in x in copy)
+    M = torch.zeros_like(grams[0].full)
+    for w, g in zip(weights, grams):
+        M.add_(g.full, alpha=w * alpha)
+        torch.diagonal(M).add_(torch.diagonal(g.full), alpha=w * (1.0 - alpha))
     torch.diagonal(M).add_(RIDGE * float(torch.diagonal(M).mean().clamp_min(1e-30)))
     s = torch.diagonal(M).double().clamp_min(1e-300).sqrt()
     sf = s.float()
@@ -193,7 +197,7 @@ def _factor_float32(weights: Sequence[float], grams: Sequence[InputGram], alpha:
     L, info = torch.linalg.cholesky_ex(S)
     if int(info) != 0:
         return None
-    return Factored(tuple(grams), tuple(weights), alpha, regs=regs, L=L, M=M.double(), scale=s)
+    return Factored(tuple(grams), tuple(weights), alpha, L=L, M=M.double(), scale=s)
 
 
 def _factor_dense(weights: Sequence[float], grams: Sequence[InputGram], alpha: float) -> Factored:
