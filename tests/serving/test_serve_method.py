@@ -132,3 +132,47 @@ def test_serve_refuses_a_starting_block_without_statistics_or_a_bad_method(model
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
         assert len([line for line in err.splitlines() if line.strip()]) == 1
+
+
+def test_new_stored_statistics_are_used_at_the_next_change(model_dir, stats_blocks, domains, tmp_path):
+    import shutil
+
+    from lorablocks.files.statistics import STATS_NAME
+    from lorablocks.model.session import ComposedModel
+    from lorablocks.serving.blocks import BlockLibrary
+    from lorablocks.serving.live import LiveModel
+
+    root = tmp_path / "blocks"
+    shutil.copytree(stats_blocks, root)
+    live = LiveModel(ComposedModel.load(str(model_dir)), BlockLibrary(root), "regmean")
+    entries = [("math", 1.0), ("words", 1.0)]
+    live.set_active(entries)
+    first = _served(live)
+    before = (root / "math" / STATS_NAME).read_bytes()
+    assert run_app(["stats", str(root / "math"), "--model", str(model_dir), "--data", str(domains["words"]),
+                    "--limit", "16", "--force"]) == 0  # new statistics for math (other inputs), same weights
+    assert (root / "math" / STATS_NAME).read_bytes() != before
+    live.set_active(entries)
+    torch.testing.assert_close(_served(live), _expected(model_dir, root, entries, "regmean"), rtol=1e-5, atol=1e-6)
+    assert (_served(live) - first).abs().max() > 1e-4
+    from lorablocks.files.statistics import open_statistics  # the block was read again, statistics and all
+
+    assert live.library.get("math").file.statistics.sha256 == open_statistics(root / "math" / STATS_NAME).sha256
+
+
+def test_statistics_leading_outside_the_blocks_folder_are_never_read(model_dir, stats_blocks, tmp_path):
+    import os
+    import shutil
+
+    from lorablocks.files.statistics import STATS_NAME
+    from lorablocks.serving.blocks import BlockLibrary
+    from lorablocks.serving.errors import BlockNameError
+
+    root, outside = tmp_path / "blocks", tmp_path / "outside"
+    shutil.copytree(stats_blocks / "bare", root / "sneaky")
+    shutil.copytree(stats_blocks / "math", outside / "math")
+    os.symlink(outside / "math" / STATS_NAME, root / "sneaky" / STATS_NAME)
+    library = BlockLibrary(root)
+    assert library.names() == []
+    with pytest.raises(BlockNameError, match="leads outside the blocks folder"):
+        library.get("sneaky")

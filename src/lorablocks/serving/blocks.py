@@ -1,10 +1,10 @@
 """The block library of a server (every adapter sub-folder of one folder) and the recipe of live use.
 
 A block is named by its folder name. A name is refused (:class:`BlockNameError`) when it holds a path
-separator, is ``.``/``..`` or hidden, or when the folder or its files resolve (through symlinks) outside
-the library's folder: nothing outside it is ever read. Opened blocks are kept in memory, keyed by their
-files' size and modification time, so a change of composition reads nothing from disk unless a block's
-files changed.
+separator, is ``.``/``..`` or hidden, or when the folder or its files (config, weights, stored input
+statistics) resolve (through symlinks) outside the library's folder: nothing outside it is ever read. Opened
+blocks are kept in memory, keyed by their files' size and modification time, so a change of composition reads
+nothing from disk unless a block's files changed (new statistics are read at the next change).
 
 Live compositions use rank ``concat`` (the exact sum, no re-factoring: the delta is made dense when it is
 merged anyway); ``generate`` and ``serve`` build the same recipe, so they merge the same bits.
@@ -24,6 +24,7 @@ from lorablocks.core import algebra
 from lorablocks.core.algebra import LowRank
 from lorablocks.errors import AdapterFormatError, LoraBlocksError, ShapeMismatchError
 from lorablocks.files.adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterFile, open_adapter
+from lorablocks.files.statistics import STATS_NAME
 from lorablocks.serving.errors import BlockNameError, UnknownBlockError
 
 __all__ = ["LIVE_RANK", "LoadedBlock", "BlockLibrary", "check_block_name", "live_recipe", "check_blocks_fit",
@@ -120,7 +121,7 @@ class BlockLibrary:
         folder = self.root / check_block_name(name)
         try:
             if folder.is_symlink() or folder.exists():
-                for p in (folder, folder / CONFIG_NAME, folder / WEIGHTS_NAME):
+                for p in (folder, *_files(folder)):
                     if (p.is_symlink() or p.exists()) and not self._inside(p, name):
                         raise BlockNameError(f"block {name!r} leads outside the blocks folder; it is not loaded",
                                              setting="name")
@@ -143,9 +144,14 @@ class BlockLibrary:
         return loaded
 
 
+def _files(folder: Path) -> tuple[Path, ...]:
+    """The files of a block that are read: config, weights, and the input statistics stored beside them."""
+    return folder / CONFIG_NAME, folder / WEIGHTS_NAME, folder / STATS_NAME
+
+
 def _signature(folder: Path) -> tuple[int, ...]:
     out: list[int] = []
-    for p in (folder / CONFIG_NAME, folder / WEIGHTS_NAME):
+    for p in _files(folder):
         try:
             st = p.stat()
             out += [st.st_size, st.st_mtime_ns, st.st_ino]
