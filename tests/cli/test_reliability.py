@@ -162,21 +162,26 @@ main()
 """
 
 
-def test_sigint_to_a_running_combine_exits_130(tmp_path, blocks):
-    ready, out = tmp_path / "ready", tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-c", _BLOCKED, str(ready), *map(str, blocks), "--out", str(out)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _interrupt_when_ready(script: str, ready: Path, args: list[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.Popen([sys.executable, "-c", script, str(ready), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.monotonic() + 120
         while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert ready.exists(), "the command did not reach the blocked write"
+            time.sleep(0.02)
+        assert ready.exists(), proc.communicate(timeout=60)[1]
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err
-    assert "interrupted" in one_error_line(err)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_sigint_to_a_running_combine_exits_130(tmp_path, blocks):
+    out = tmp_path / "out"
+    proc = _interrupt_when_ready(_BLOCKED, tmp_path / "ready", [*map(str, blocks), "--out", str(out)])
+    assert proc.returncode == 130, proc.stderr
+    assert "interrupted" in one_error_line(proc.stderr)
     assert not out.exists() and temporaries(tmp_path) == []
 
 
@@ -218,21 +223,6 @@ from lorablocks.cli import main
 sys.argv = ["lorablocks", "combine", *sys.argv[2:]]
 main()
 """
-
-
-def _interrupt_when_ready(script: str, ready: Path, args: list[str]) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen([sys.executable, "-c", script, str(ready), *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        deadline = time.monotonic() + 120
-        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert ready.exists(), proc.communicate(timeout=60)[1]
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def test_ctrl_c_swallowed_by_a_library_still_exits_130_and_writes_nothing(tmp_path, blocks):
