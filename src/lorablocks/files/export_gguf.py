@@ -104,9 +104,9 @@ def source_record(file: AdapterFile) -> dict[str, Any]:
 
 
 def _block_fingerprint(file: AdapterFile) -> str:
-    """A plain block: sha256 of its weights file's sha256 and its config's effective per-module scales
-    (``lora_alpha``, ``rank_pattern``, rsLoRA change the delta without changing the weights file)."""
-    key = {"weights": file.sha256, "scales": {m: list(v) for m, v in sorted(file.module_scales.items())}}
+    """A plain block: sha256 of its weights file's sha256 and :attr:`AdapterFile.scales_sha256` (``lora_alpha``,
+    ``rank_pattern``, rsLoRA, ``fan_in_fan_out`` change the delta without changing the weights file)."""
+    key = {"weights": file.sha256, "scales": file.scales_sha256}
     return "sha256:" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
