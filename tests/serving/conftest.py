@@ -44,11 +44,14 @@ class RunningServer:
 
 
 def start_server(live: Any, **settings: Any) -> tuple[RunningServer, Any]:
-    """A server for ``live`` with its own runner (``workers``/``queue`` in ``settings``)."""
+    """A server for ``live`` with its own engine: the scheduler with ``max_batch`` in ``settings``, else a
+    runner (``workers``); ``queue`` for either."""
     from lorablocks.serving.live import Runner
+    from lorablocks.serving.scheduler import Scheduler
     from lorablocks.serving.server import Access, AppSettings, create_app
 
-    runner = Runner(settings.pop("workers", 2), settings.pop("queue", 8))
+    batch, queue = settings.pop("max_batch", 0), settings.pop("queue", 8)
+    runner = Scheduler(live, batch, queue) if batch else Runner(settings.pop("workers", 2), queue)
     access = Access(**{k: settings.pop(k) for k in ("api_key", "admin_key", "hosts", "any_ip_host", "max_body_bytes")
                        if k in settings})
     app = create_app(live, runner, AppSettings(model_name="tiny", access=access, **settings))
@@ -105,7 +108,7 @@ def live(model_dir: Path, blocks_dir: Path) -> Any:
 
 @pytest.fixture(scope="module")
 def running(live: Any) -> Iterator[RunningServer]:
-    server, _ = start_server(live, max_tokens_limit=64)
+    server, _ = start_server(live, max_tokens_limit=64, max_batch=4)  # the default engine: batching
     yield server
     server.stop()
 

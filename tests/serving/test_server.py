@@ -16,6 +16,7 @@ from lorablocks.compose.operations import blocks_of, open_blocks
 from lorablocks.model.session import ComposedModel
 from lorablocks.serving.blocks import live_recipe
 from lorablocks.serving.generation import SamplingParams, encode_prompt, generate_text
+from lorablocks.serving.scheduler import CUT_BY_CHANGE
 from lorablocks.serving.server import FINGERPRINT_HEADER
 from tests.serving.conftest import start_server
 
@@ -131,8 +132,9 @@ def _expected_outputs(model_dir, blocks_dir, compositions, max_tokens):
     return out
 
 
-def _stream_text(url: str, body: dict) -> tuple[str, set[str]]:
-    text, fps = [], set()
+def _stream_text(url: str, body: dict) -> tuple[str, set[str], str | None]:
+    """The streamed text, every fingerprint it reported, and its finish reason."""
+    text, fps, finish = [], set(), None
     with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
         assert r.status_code == 200
         fps.add(r.headers[FINGERPRINT_HEADER])
@@ -140,11 +142,26 @@ def _stream_text(url: str, body: dict) -> tuple[str, set[str]]:
             if line.startswith("data: ") and line != "data: [DONE]":
                 event = json.loads(line[6:])
                 text.append(event["choices"][0]["text"])
+                finish = event["choices"][0]["finish_reason"] or finish
                 fps.add(event["system_fingerprint"])
-    return "".join(text), fps
+    return "".join(text), fps, finish
 
 
-def test_concurrent_requests_during_changes_match_the_composition_they_report(server, model_dir, blocks_dir):
+@pytest.mark.parametrize("engine", ["batching", "threads"])
+def test_concurrent_requests_during_changes_match_the_composition_they_report(server, live, model_dir, blocks_dir,
+                                                                              engine):
+    """Every answer is the greedy output of the composition it reports; batched, one cut by a change is a prefix
+    of it (finish_reason composition_changed); on threads, changes wait and nothing is cut."""
+    if engine == "threads":
+        server, _ = start_server(live, max_tokens_limit=64, workers=2)
+    try:
+        _concurrent_changes(server, model_dir, blocks_dir, cut_allowed=engine == "batching")
+    finally:
+        if engine == "threads":
+            server.stop()
+
+
+def _concurrent_changes(server, model_dir, blocks_dir, cut_allowed: bool) -> None:
     compositions = [[], [("math", 1.0)], [("math", 1.0), ("words", 0.5)], [("code", -1.0)]]
     expected = _expected_outputs(model_dir, blocks_dir, compositions, max_tokens=12)
     assert len(set(expected.values())) == len(compositions)  # the compositions are distinguishable
@@ -155,13 +172,14 @@ def test_concurrent_requests_during_changes_match_the_composition_they_report(se
         try:
             for j in range(6):
                 if (i + j) % 2:
-                    text, fps = _stream_text(server.url, body)
+                    text, fps, finish = _stream_text(server.url, body)
                     assert len(fps) == 1
-                    results.append((fps.pop(), text))
+                    results.append((fps.pop(), text, finish))
                 else:
                     r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
                     assert r.status_code == 200, r.text
-                    results.append((r.json()["system_fingerprint"], r.json()["choices"][0]["text"]))
+                    choice = r.json()["choices"][0]
+                    results.append((r.json()["system_fingerprint"], choice["text"], choice["finish_reason"]))
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -187,8 +205,11 @@ def test_concurrent_requests_during_changes_match_the_composition_they_report(se
     change.join(30)
     assert not errors, errors[0]
     assert len(results) == 24
-    assert all(text == expected[fp] for fp, text in results)
-    assert len({fp for fp, _ in results}) > 1  # requests really ran under different compositions
+    whole = [(fp, text) for fp, text, finish in results if finish != CUT_BY_CHANGE]
+    assert all(text == expected[fp] for fp, text in whole)
+    assert all(expected[fp].startswith(text) for fp, text, _ in results)
+    assert cut_allowed or len(whole) == len(results)
+    assert len({fp for fp, _, _ in results}) > 1  # requests really ran under different compositions
 
 
 def test_a_change_waits_for_running_generations_and_holds_new_ones(server, live):

@@ -24,7 +24,8 @@ from lorablocks.errors import one_line
 from lorablocks.serving.errors import RequestError
 
 __all__ = ["SamplingParams", "Chunk", "PromptMode", "encode_prompt", "encode_chat", "generate_stream",
-           "generate_text", "eos_token_ids", "context_length", "tokens_left", "check_length", "check_text"]
+           "generate_text", "Decoding", "cache_argument", "cache_of", "eos_token_ids", "context_length", "tokens_left",
+           "check_length", "check_text"]
 
 PromptMode = Literal["auto", "chat", "raw", "qa"]
 
@@ -223,7 +224,7 @@ def _next_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generat
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
-def _cache_argument(model: Any) -> tuple[str, dict[str, Any]]:
+def cache_argument(model: Any) -> tuple[str, dict[str, Any]]:
     """The forward argument that carries the KV cache (``cache`` in newer transformers, ``past_key_values``
     before), and a request for the last position's logits only, where supported (as ``generate`` does)."""
     params = inspect.signature(model.forward).parameters
@@ -231,9 +232,45 @@ def _cache_argument(model: Any) -> tuple[str, dict[str, Any]]:
     return ("cache" if "cache" in params else "past_key_values"), extra
 
 
-def _cache_of(out: Any) -> Any:
+def cache_of(out: Any) -> Any:
     cache = getattr(out, "cache", None)
     return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def _generator(params: SamplingParams) -> torch.Generator | None:
+    """A generator of the request's own, seeded by it (or at random); ``None`` when greedy."""
+    if params.temperature == 0.0:
+        return None
+    seed = params.seed if params.seed is not None else secrets.randbits(63)
+    return torch.Generator().manual_seed(seed & ((1 << 63) - 1))
+
+
+class Decoding:
+    """One request's token choice and text: its sampling settings and generator, its stop strings, its EOS
+    ids (an empty set never stops early) and its count. The one place a next token becomes text, alone
+    (:func:`generate_stream`) or in a batch (:mod:`lorablocks.serving.scheduler`)."""
+
+    def __init__(self, tokenizer: Any, params: SamplingParams, eos_ids: set[int]) -> None:
+        self.params, self.eos, self.tokens = params, eos_ids, 0
+        self.gen, self.decoder = _generator(params), _StopDecoder(tokenizer, params.stop)
+
+    def step(self, logits: torch.Tensor) -> tuple[int, Chunk | None]:
+        """The next token after ``logits`` (the last position's), and the chunk to send: ``None`` (nothing yet),
+        text, or the last chunk (``finish_reason`` ``stop`` or ``length``)."""
+        token = _next_token(logits, self.params, self.gen)
+        self.tokens += 1
+        if token in self.eos:
+            return token, Chunk(self.decoder.finish(), "stop", self.tokens)
+        text, stopped = self.decoder.push(token)
+        if stopped:
+            return token, Chunk(text, "stop", self.tokens)
+        if self.tokens >= self.params.max_new_tokens:
+            return token, Chunk(text + self.decoder.finish(), "length", self.tokens)
+        return token, (Chunk(text, None, self.tokens) if text else None)
+
+    def cut(self, reason: str) -> Chunk:
+        """The last chunk of a generation ended from outside (``reason``), with the text still held back."""
+        return Chunk(self.decoder.finish(), reason, self.tokens)
 
 
 @torch.no_grad()
@@ -246,30 +283,21 @@ def generate_stream(model: Any, tokenizer: Any, ids: Sequence[int], params: Samp
     defaults to :func:`eos_token_ids` (an empty set never stops early).
     """
     device = next(model.parameters()).device
-    eos = eos_token_ids(model, tokenizer) if eos_ids is None else eos_ids
-    gen = None
-    if params.temperature > 0.0:
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
-        gen = torch.Generator().manual_seed(seed & ((1 << 63) - 1))
-    decoder, (cache_arg, extra) = _StopDecoder(tokenizer, params.stop), _cache_argument(model)
-    inputs, cache, n = torch.tensor([list(ids)], device=device), None, 0
-    while n < params.max_new_tokens:
+    decoding = Decoding(tokenizer, params, eos_token_ids(model, tokenizer) if eos_ids is None else eos_ids)
+    cache_arg, extra = cache_argument(model)
+    inputs, cache = torch.tensor([list(ids)], device=device), None
+    while True:
         if should_stop is not None and should_stop():
-            break
+            yield decoding.cut("length")
+            return
         out = model(input_ids=inputs, use_cache=True, **{cache_arg: cache}, **extra)
-        cache, token = _cache_of(out), _next_token(out.logits[0, -1], params, gen)
-        n += 1
-        if token in eos:
-            yield Chunk(decoder.finish(), "stop", n)
-            return
-        text, stopped = decoder.push(token)
-        if stopped:
-            yield Chunk(text, "stop", n)
-            return
-        if text:
-            yield Chunk(text, None, n)
+        cache = cache_of(out)
+        token, chunk = decoding.step(out.logits[0, -1])
+        if chunk is not None:
+            yield chunk
+            if chunk.finish_reason:
+                return
         inputs = torch.tensor([[token]], device=device)
-    yield Chunk(decoder.finish(), "length", n)
 
 
 def generate_text(model: Any, tokenizer: Any, ids: Sequence[int], params: SamplingParams) -> tuple[str, str, int]:

@@ -240,6 +240,11 @@ class Runner:
             self._release()
             raise ServerBusyError("the server is stopping") from None
 
+    def start(self, job: Any) -> None:
+        """Run a generation job (:class:`~lorablocks.serving.scheduler.Job` with a ``run()`` of its own) on a
+        thread of its own: the path without batching."""
+        self.submit(job.run)
+
     def _run(self, job: Callable[[], None]) -> None:
         try:
             job()

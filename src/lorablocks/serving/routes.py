@@ -1,6 +1,8 @@
 """The HTTP endpoints: OpenAI-compatible completions (whole or streamed as server-sent events) and the live
-composition (``/v1/blocks``). Generations run on the :class:`~lorablocks.serving.live.Runner`'s threads
-under the composition's read lock; changes run on FastAPI's thread pool and take the write lock."""
+composition (``/v1/blocks``). Generations run on the engine: the
+:class:`~lorablocks.serving.scheduler.Scheduler` (continuous batching, the read lock one step at a time) or the
+:class:`~lorablocks.serving.live.Runner` (a thread per generation, the read lock throughout); changes run on
+FastAPI's thread pool and take the write lock."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -24,10 +26,14 @@ from lorablocks.serving.generation import (Chunk, SamplingParams, check_length, 
                                            generate_stream, tokens_left)
 from lorablocks.serving.guard import Access, log_error
 from lorablocks.serving.live import ChangeReport, LiveModel, Runner
+from lorablocks.serving.scheduler import Scheduler
 
 __all__ = ["FINGERPRINT_HEADER", "AppSettings", "add_routes"]
 
 FINGERPRINT_HEADER = "X-Lorablocks-Fingerprint"
+
+#: what runs generations: ``start(job)``, ``stopping``, ``shutdown()``
+Engine = Union[Scheduler, Runner]
 
 
 @dataclass(frozen=True)
@@ -47,15 +53,16 @@ class AppSettings:
 
 
 class _Job:
-    """One generation on a worker thread, handing its events to the request's event loop."""
+    """One generation on the engine (its own worker thread, or the scheduler's batch), handing its events to the
+    request's event loop."""
 
-    def __init__(self, live: LiveModel, runner: Runner, ids: list[int], params: SamplingParams) -> None:
+    def __init__(self, live: LiveModel, runner: Engine, ids: list[int], params: SamplingParams) -> None:
         self.live, self.runner, self.ids, self.params = live, runner, ids, params
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.cancelled = threading.Event()
 
-    def _put(self, kind: str, value: Any = None) -> None:
+    def put(self, kind: str, value: Any = None) -> None:
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
         except RuntimeError:  # the loop is gone: nobody listens any more
@@ -70,17 +77,17 @@ class _Job:
                 return
             model, tokenizer = self.live.composed.model, self.live.composed.tokenizer
             with self.live.reading() as fingerprint:
-                self._put("start", fingerprint)
+                self.put("start", fingerprint)
                 for chunk in generate_stream(model, tokenizer, self.ids, self.params, should_stop=self._stop):
-                    self._put("chunk", chunk)
+                    self.put("chunk", chunk)
         except Exception as exc:  # reported to the client as one line
-            self._put("error", exc)
+            self.put("error", exc)
         finally:
-            self._put("end")
+            self.put("end")
 
     async def start(self) -> str:
         """Queue the job and wait until it runs; its composition's fingerprint."""
-        self.runner.submit(self.run)
+        self.runner.start(self)
         kind, value = await self.events.get()
         if kind == "error":
             raise value
@@ -98,7 +105,7 @@ class _Job:
             yield value
 
 
-async def _start(live: LiveModel, runner: Runner, ids: list[int], params: SamplingParams) -> tuple[_Job, str]:
+async def _start(live: LiveModel, runner: Engine, ids: list[int], params: SamplingParams) -> tuple[_Job, str]:
     job = _Job(live, runner, ids, params)
     try:
         return job, await job.start()
@@ -176,7 +183,7 @@ def _fit_context(live: LiveModel, prompt_tokens: int, params: SamplingParams, gi
     return params
 
 
-async def _respond(live: LiveModel, runner: Runner, settings: AppSettings, ids: list[int],
+async def _respond(live: LiveModel, runner: Engine, settings: AppSettings, ids: list[int],
                    params: SamplingParams, req: Any, chat: bool) -> Any:
     job, fingerprint = await _start(live, runner, ids, params)
     render = _Render(chat, new_id("chatcmpl" if chat else "cmpl"), settings.model_name, fingerprint)
@@ -203,7 +210,7 @@ def _changed(report: ChangeReport) -> JSONResponse:
     return JSONResponse(body, headers={FINGERPRINT_HEADER: report.fingerprint})
 
 
-def add_routes(app: FastAPI, live: LiveModel, runner: Runner, settings: AppSettings) -> None:
+def add_routes(app: FastAPI, live: LiveModel, runner: Engine, settings: AppSettings) -> None:
     """Register every endpoint on ``app``."""
     tokenizer, started = live.composed.tokenizer, int(time.time())
 

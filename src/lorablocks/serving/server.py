@@ -33,13 +33,15 @@ from lorablocks.errors import LoraBlocksError
 from lorablocks.serving.errors import RequestError
 from lorablocks.serving.guard import LOG, Access, Guard, error_for, error_json
 from lorablocks.serving.live import LiveModel, Runner, check_method, check_statistics
-from lorablocks.serving.routes import FINGERPRINT_HEADER, AppSettings, add_routes
+from lorablocks.serving.routes import FINGERPRINT_HEADER, AppSettings, Engine, add_routes
+from lorablocks.serving.scheduler import Scheduler
 
 __all__ = ["FINGERPRINT_HEADER", "Access", "AppSettings", "ServeSettings", "create_app", "serve"]
 
 
-def create_app(live: LiveModel, runner: Runner, settings: AppSettings | None = None) -> FastAPI:
-    """The FastAPI application serving ``live``; generations run on ``runner``; every request passes the
+def create_app(live: LiveModel, runner: Engine, settings: AppSettings | None = None) -> FastAPI:
+    """The FastAPI application serving ``live``; generations run on ``runner`` (a
+    :class:`~lorablocks.serving.scheduler.Scheduler` or a :class:`Runner`); every request passes the
     :class:`~lorablocks.serving.guard.Guard` of ``settings.access`` first."""
     settings = settings or AppSettings()
 
@@ -119,6 +121,8 @@ class ServeSettings:
     max_body_bytes: int = 1 << 20
     max_tokens_limit: int = 512
     active: tuple[tuple[str, float], ...] = field(default_factory=tuple)
+    #: generations decoded together by the scheduler (continuous batching); 0: a thread per generation, ``workers``
+    max_batch: int = 16
     workers: int = 4
     queue: int = 32
     cache_dir: str | None = None
@@ -167,7 +171,8 @@ def serve(settings: ServeSettings, announce: Callable[[str], None] = print) -> N
         live.set_active(settings.active)
     sock = _bind(settings.host, settings.port)
     host, port = sock.getsockname()[:2]
-    runner = Runner(settings.workers, settings.queue)
+    runner: Engine = (Scheduler(live, settings.max_batch, settings.queue) if settings.max_batch > 0
+                      else Runner(settings.workers, settings.queue))
     app = create_app(live, runner, AppSettings(model_name=_served_name(settings.model), access=settings.access(host),
                                                max_tokens_limit=settings.max_tokens_limit))
     _log_to_stderr()
@@ -197,7 +202,7 @@ def _log_to_stderr() -> None:
 class _Server(uvicorn.Server):
     """uvicorn's server that also tells running generations to stop when Ctrl-C arrives."""
 
-    def __init__(self, config: uvicorn.Config, runner: Runner) -> None:
+    def __init__(self, config: uvicorn.Config, runner: Engine) -> None:
         super().__init__(config)
         self.runner = runner
 

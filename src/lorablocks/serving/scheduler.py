@@ -1,0 +1,267 @@
+"""Continuous batching: one thread owns the model and decodes every running generation together.
+
+Between two decoding steps the :class:`Scheduler` lets requests join (each prompt is prefilled alone, and its
+KV cache joins the batch's, left-padded to one length) and leave (EOS, a stop string, its length, a client
+gone, the server stopping). A step feeds every running sequence its last token at once, with an attention
+mask that hides the padding and each sequence's own position ids, so a sequence's logits are those it gets
+alone up to float round-off (greedy tokens are the same); each picks its next token by its own sampling
+settings and generator (:class:`~lorablocks.serving.generation.Decoding`).
+
+The thread holds the composition's read lock for one iteration (prefills and one step), never across steps:
+a change of composition waits for at most one step and applies between two. The weights are merged in place,
+so a generation cannot go on on the weights it started with: every running one is cut, its last chunk's
+``finish_reason`` is ``composition_changed``, and all of its tokens came from the composition whose fingerprint
+it reported at its start. Requests that were waiting start on the new composition.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from lorablocks.serving.errors import ServerBusyError
+from lorablocks.serving.generation import Decoding, SamplingParams, cache_argument, cache_of, eos_token_ids
+from lorablocks.serving.live import LiveModel
+
+__all__ = ["CUT_BY_CHANGE", "Job", "BatchCache", "Scheduler"]
+
+#: ``finish_reason`` of a generation cut by a change of composition
+CUT_BY_CHANGE = "composition_changed"
+
+
+class Job(Protocol):
+    """A generation as the scheduler sees it: its prompt, settings, a cancel flag and where its events go:
+    ``("start", fingerprint)``, ``("chunk", Chunk)``, ``("error", exception)``, then always ``("end", None)``."""
+
+    ids: list[int]
+    params: SamplingParams
+    cancelled: threading.Event
+
+    def put(self, kind: str, value: Any = None) -> None: ...
+
+
+class BatchCache:
+    """The KV cache of sequences of different lengths, left-padded to one length ``T``.
+
+    ``mask`` ``[B, T]`` is 1 where a sequence has a token; ``lengths[b]`` is how many it has (its next
+    token's position). Joining pads the shorter side on the left; leaving drops rows, then the columns that
+    are padding in every row that is left.
+    """
+
+    def __init__(self) -> None:
+        self.cache: Any = None
+        self.mask: torch.Tensor | None = None
+        self.lengths: list[int] = []
+
+    @staticmethod
+    def batchable(cache: Any) -> bool:
+        """Whether a prefill's cache can join a batch: every layer a plain growing (not sliding) one."""
+        from transformers.cache_utils import DynamicLayer
+
+        layers = getattr(cache, "layers", None)
+        return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+    def join(self, cache: Any, length: int) -> None:
+        """Add one sequence of ``length`` tokens whose (batch-1) ``cache`` holds exactly them."""
+        device = cache.layers[0].keys.device
+        mask = torch.ones(1, length, dtype=torch.long, device=device)
+        if self.cache is None:
+            self.cache, self.mask, self.lengths = cache, mask, [length]
+            return
+        width = max(self.mask.shape[1], length)
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
+            mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
+        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(mask, width)])
+        self.lengths.append(length)
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (in that order); an empty list empties the batch."""
+        if not rows:
+            self.cache, self.mask, self.lengths = None, None, []
+            return
+        index = torch.tensor(rows, device=self.mask.device)
+        self.lengths = [self.lengths[r] for r in rows]
+        trim = self.mask.shape[1] - max(self.lengths)  # columns of padding in every row that is left
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[..., trim:, :]
+            layer.values = layer.values.index_select(0, index)[..., trim:, :]
+        self.mask = self.mask.index_select(0, index)[:, trim:]
+
+    def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(attention_mask [B, T + 1], position_ids [B, 1])`` of one new token per sequence; the mask becomes
+        the batch's and every length grows by one (the forward appends to the cache)."""
+        assert self.mask is not None
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        positions = torch.tensor([[n] for n in self.lengths], device=self.mask.device)
+        self.lengths = [n + 1 for n in self.lengths]
+        return self.mask, positions
+
+
+def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
+    """``x`` (``[B, ..., T, D]`` for keys and values, ``[B, T]`` for a mask) padded with zeros on the left of
+    its sequence axis to ``width``."""
+    missing = width - (x.shape[-2] if x.dim() == 4 else x.shape[-1])
+    if missing <= 0:
+        return x
+    pad = (0, 0, missing, 0) if x.dim() == 4 else (missing, 0)
+    return torch.nn.functional.pad(x, pad)
+
+
+@dataclass
+class _Row:
+    """A running generation: its job, its decoding state, the token to feed next and its fingerprint."""
+
+    job: Job
+    decoding: Decoding
+    token: int
+    fingerprint: str
+    done: bool = field(default=False)
+
+
+class Scheduler:
+    """Decodes up to ``max_batch`` generations together on one thread; at most ``queue`` more wait (beyond:
+    :class:`ServerBusyError`, a 503). The same interface as :class:`~lorablocks.serving.live.Runner`."""
+
+    def __init__(self, live: LiveModel, max_batch: int = 16, queue: int = 32) -> None:
+        self.live, self.max_batch, self.queue = live, max(1, max_batch), max(0, queue)
+        self.workers = self.max_batch  # generations run at once, as the Runner names it
+        self.stopping = threading.Event()
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._admitted = 0
+        self._rows: list[_Row] = []
+        self._batch = BatchCache()
+        self._batchable = True  # until a prefill's cache says otherwise (sliding-window layers: one at a time)
+        model = live.composed.model
+        self._eos = eos_token_ids(model, live.composed.tokenizer)
+        self._cache_arg, self._extra = cache_argument(model)
+        self._thread = threading.Thread(target=self._loop, name="lorablocks-scheduler", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------------ the interface
+
+    def start(self, job: Job) -> None:
+        """Queue ``job``; :class:`ServerBusyError` when ``max_batch + queue`` are already in."""
+        with self._cond:
+            if self.stopping.is_set():
+                raise ServerBusyError("the server is stopping")
+            if self._admitted >= self.max_batch + self.queue:
+                raise ServerBusyError(f"the server is busy: {self.max_batch} generations running and {self.queue} "
+                                      "waiting; retry shortly")
+            self._admitted += 1
+            self._waiting.append(job)
+            self._cond.notify_all()
+
+    def shutdown(self) -> None:
+        """Stop: running generations end at the next step, waiting ones without starting."""
+        with self._cond:
+            self.stopping.set()
+            self._cond.notify_all()
+
+    # --------------------------------------------------------------------------------------- the loop
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._waiting or self._rows or self.stopping.is_set()):
+                    self._cond.wait()
+            if self.stopping.is_set():
+                self._stop_all()
+                return
+            with self.live.reading() as fingerprint:
+                self._leave(lambda row: row.fingerprint != fingerprint, CUT_BY_CHANGE)
+                self._leave(lambda row: row.job.cancelled.is_set(), "length")
+                self._admit(fingerprint)
+                if self._rows:
+                    self._step()
+
+    def _stop_all(self) -> None:
+        self._leave(lambda row: True, "length")
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for job in waiting:
+            self._end(job)
+
+    def _end(self, job: Job) -> None:
+        job.put("end")
+        with self._cond:
+            self._admitted -= 1
+
+    def _leave(self, cut: Any, reason: str) -> None:
+        """Rows that are done, or that ``cut(row)`` ends (their last chunk says ``reason``), leave the batch."""
+        for row in self._rows:
+            if not row.done and cut(row):
+                row.job.put("chunk", row.decoding.cut(reason))
+                row.done = True
+        kept = [i for i, row in enumerate(self._rows) if not row.done]
+        if len(kept) < len(self._rows):
+            for row in self._rows:
+                if row.done:
+                    self._end(row.job)
+            self._rows = [self._rows[i] for i in kept]
+            self._batch.keep(kept)
+
+    def _next_waiting(self) -> Job | None:
+        with self._cond:
+            full = len(self._rows) >= (self.max_batch if self._batchable else 1)
+            return None if full or not self._waiting else self._waiting.popleft()
+
+    def _admit(self, fingerprint: str) -> None:
+        """Prefill waiting jobs (one at a time) until the batch is full; each joins with its first token."""
+        while (job := self._next_waiting()) is not None:
+            if job.cancelled.is_set():
+                self._end(job)
+                continue
+            try:
+                self._prefill(job, fingerprint)
+            except Exception as exc:  # reported to that client as one line; the batch goes on
+                job.put("error", exc)
+                self._end(job)
+
+    @torch.no_grad()
+    def _prefill(self, job: Job, fingerprint: str) -> None:
+        model = self.live.composed.model
+        decoding = Decoding(self.live.composed.tokenizer, job.params, self._eos)
+        inputs = torch.tensor([list(job.ids)], device=next(model.parameters()).device)
+        out = model(input_ids=inputs, use_cache=True, **{self._cache_arg: None}, **self._extra)
+        job.put("start", fingerprint)
+        token, chunk = decoding.step(out.logits[0, -1])
+        if chunk is not None:
+            job.put("chunk", chunk)
+        if chunk is not None and chunk.finish_reason:
+            self._end(job)
+            return
+        cache = cache_of(out)
+        if not BatchCache.batchable(cache):
+            self._batchable = False
+            if self._rows:  # cannot happen with one row at most, but never join an unjoinable cache
+                raise RuntimeError("this model's KV cache cannot be batched")
+        self._batch.join(cache, len(job.ids))
+        self._rows.append(_Row(job, decoding, token, fingerprint))
+
+    @torch.no_grad()
+    def _step(self) -> None:
+        """One token for every running row; a failing forward ends them all with its error."""
+        model = self.live.composed.model
+        try:
+            mask, positions = self._batch.step_inputs()
+            tokens = torch.tensor([[row.token] for row in self._rows], device=mask.device)
+            out = model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
+                        **{self._cache_arg: self._batch.cache}, **self._extra)
+        except Exception as exc:  # noqa: BLE001 - every running client is told, in one line
+            for row in self._rows:
+                row.job.put("error", exc)
+                row.done = True
+            self._leave(lambda row: False, "length")
+            return
+        for i, row in enumerate(self._rows):
+            row.token, chunk = row.decoding.step(out.logits[i, -1])
+            if chunk is not None:
+                row.job.put("chunk", chunk)
+                row.done = chunk.finish_reason is not None
+        self._leave(lambda row: False, "length")
