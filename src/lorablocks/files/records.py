@@ -12,7 +12,9 @@ import hashlib
 import json
 import os
 import platform
+import queue
 import stat
+import threading
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import Any
 from lorablocks.errors import LoraBlocksError
 
 __all__ = ["RECORD_NAME", "TRAIN_RECORD_NAME", "STUDY_MARKER", "note_input", "reading_inputs", "output_kind",
-           "refusal", "input_refusal", "sha256_file", "sha256_path", "versions", "utc_now"]
+           "refusal", "input_refusal", "sha256_file", "PendingDigest", "sha256_path", "versions", "utc_now"]
 
 #: The record lorablocks writes into every adapter and merged-model folder it makes.
 RECORD_NAME = "lorablocks.json"
@@ -184,6 +186,42 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+class PendingDigest:
+    """The SHA-256 of a file, computed on a background thread while the caller works on (hashing releases
+    the GIL). :meth:`result` waits for it; a read error surfaces there as :class:`LoraBlocksError`. One
+    worker hashes the queued files in order, so several large files do not compete for the cores."""
+
+    _queue: queue.SimpleQueue[PendingDigest] | None = None
+    _lock = threading.Lock()
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._done = threading.Event()
+        self._value: str | None = None
+        self._error: str | None = None
+        with PendingDigest._lock:
+            if PendingDigest._queue is None:  # a daemon thread: an exit (Ctrl-C included) never waits for it
+                PendingDigest._queue = queue.SimpleQueue()
+                threading.Thread(target=PendingDigest._work, name="lorablocks-sha256", daemon=True).start()
+            PendingDigest._queue.put(self)
+
+    @staticmethod
+    def _work() -> None:
+        while True:
+            job = PendingDigest._queue.get()
+            try:
+                job._value = sha256_file(job.path)
+            except OSError as exc:
+                job._error = f"cannot read {job.path} ({exc.strerror or exc})"
+            job._done.set()
+
+    def result(self) -> str:
+        self._done.wait()
+        if self._error is not None:
+            raise LoraBlocksError(self._error)
+        return self._value
 
 
 def sha256_path(path: str | os.PathLike) -> str:

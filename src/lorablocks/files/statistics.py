@@ -25,8 +25,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from lorablocks.core.regmean import InputGram
-from lorablocks.errors import AdapterFormatError, BaseModelMismatchError, OutputExistsError, ShapeMismatchError
-from lorablocks.files.outputs import atomic_file, one_line, sha256_file
+from lorablocks.errors import (AdapterFormatError, BaseModelMismatchError, LoraBlocksError, OutputExistsError,
+                               ShapeMismatchError)
+from lorablocks.files.outputs import atomic_file, one_line
+from lorablocks.files.records import PendingDigest
 
 __all__ = ["STATS_NAME", "FORMAT", "DENSE_MAX", "SKETCH_RANK", "StatsSite", "BlockStatistics", "open_statistics",
            "statistics_beside", "write_statistics"]
@@ -57,8 +59,19 @@ class BlockStatistics:
     base_model: str | None = None
     data: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
-    sha256: str | None = None
+    #: the file's SHA-256, or its digest still being computed in the background (:attr:`sha256` waits)
+    digest: str | PendingDigest | None = None
     grams: dict[str, InputGram] | None = None  # in memory (``path`` None)
+
+    @property
+    def sha256(self) -> str | None:
+        """The statistics file's SHA-256 (None in memory); waits for a background digest."""
+        if isinstance(self.digest, PendingDigest):
+            try:
+                self.digest = self.digest.result()
+            except LoraBlocksError as exc:
+                raise AdapterFormatError(str(exc)) from None
+        return self.digest
 
     @property
     def module_site(self) -> dict[str, str]:
@@ -144,7 +157,7 @@ def open_statistics(path: str | os.PathLike) -> BlockStatistics:
             if shapes.get(name) != shape:
                 raise AdapterFormatError(f"{path}: tensor {name} is {shapes.get(name)}, its site says {shape}")
     return BlockStatistics(sites=sites, base_model=info.get("base_model"), data=info.get("data") or {}, path=path,
-                           sha256=sha256_file(path))
+                           digest=PendingDigest(path))
 
 
 def statistics_beside(folder: str | os.PathLike) -> BlockStatistics | None:
