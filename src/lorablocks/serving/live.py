@@ -58,6 +58,10 @@ class RWLock:
                 if not self._readers:
                     self._cond.notify_all()
 
+    def writer_waiting(self) -> bool:
+        """Whether a writer waits (a reader that can stop early should)."""
+        return self._writers_waiting > 0
+
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:
         with self._cond:
@@ -167,10 +171,10 @@ class LiveModel:
                 raise UnknownBlockError(f"block {name!r} is not active", setting="name")
             return self._set([(b.name, b.weight) for b in self.active if b.name != name], lambda i: "weight")
 
-    def _set(self, entries: Sequence[tuple[str, float]], weight_setting: Callable[[int], str]) -> ChangeReport:
-        """Everything that can fail (names, files, weights, the merged weights, the listing) before the swap;
-        ``weight_setting(i)`` names entry ``i``'s weight in errors (the request's field)."""
-        t0 = time.perf_counter()
+    def composition(self, entries: Sequence[tuple[str, float]],
+                    weight_setting: Callable[[int], str] = lambda i: "weight") -> tuple[Delta, Recipe | None]:
+        """The delta and recipe of ``entries`` by the server's method, every check done (names, files, weights,
+        the fit to the model); nothing is changed. ``weight_setting(i)`` names entry ``i``'s weight in errors."""
         names, seen = [n for n, _ in entries], set()
         dup = next((n for n in names if n in seen or seen.add(n)), None)  # linear: a request may list many
         if dup is not None:
@@ -182,7 +186,12 @@ class LiveModel:
             self.library.path(n)
         loaded = [self.library.get(n) for n in names]
         _check_weights(loaded, [float(w) for _, w in entries], weight_setting)
-        delta, recipe = self._compose(loaded, [float(w) for _, w in entries])
+        return self._compose(loaded, [float(w) for _, w in entries])
+
+    def _set(self, entries: Sequence[tuple[str, float]], weight_setting: Callable[[int], str]) -> ChangeReport:
+        """Everything that can fail (names, files, weights, the merged weights, the listing) before the swap."""
+        t0 = time.perf_counter()
+        delta, recipe = self.composition(entries, weight_setting)
         prepared = self.composed.prepare(delta, recipe) if recipe is not None else None  # outside the lock
         available = tuple(self.library.names())
         t1 = time.perf_counter()

@@ -7,8 +7,9 @@ mask that hides the padding and each sequence's own position ids, so a sequence'
 alone up to float round-off (greedy tokens are the same); each picks its next token by its own sampling
 settings and generator (:class:`~lorablocks.serving.generation.Decoding`).
 
-The thread holds the composition's read lock for one iteration (prefills and one step), never across steps:
-a change of composition waits for at most one step and applies between two. The weights are merged in place,
+Each decoding thread (a *lane*; one by default) holds the composition's read lock for one iteration (prefills
+and one step), never across steps, and admits no more prefills once a change waits: a change of composition
+waits for at most one step and applies between two. The weights are merged in place,
 so a generation cannot go on on the weights it started with: every running one is cut, its last chunk's
 ``finish_reason`` is ``composition_changed``, and all of its tokens came from the composition whose fingerprint
 it reported at its start. Requests that were waiting start on the new composition.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -124,26 +126,28 @@ class _Row:
 
 
 class Scheduler:
-    """Decodes up to ``max_batch`` generations together on one thread; at most ``queue`` more wait (beyond:
-    :class:`ServerBusyError`, a 503). The same interface as :class:`~lorablocks.serving.live.Runner`."""
+    """Decodes up to ``max_batch`` generations together; at most ``queue`` more wait (beyond:
+    :class:`ServerBusyError`, a 503). The same interface as :class:`~lorablocks.serving.live.Runner`.
 
-    def __init__(self, live: LiveModel, max_batch: int = 16, queue: int = 32) -> None:
+    ``lanes`` threads each decode a batch of their own (up to ``ceil(max_batch / lanes)`` rows; the least
+    loaded lane takes the next waiting request): one lane on a GPU; on a CPU, up to one per core, each forward
+    on one intra-op thread, as the thread-per-generation path runs them.
+    """
+
+    def __init__(self, live: LiveModel, max_batch: int = 16, queue: int = 32, lanes: int = 1) -> None:
         self.live, self.max_batch, self.queue = live, max(1, max_batch), max(0, queue)
         self.workers = self.max_batch  # generations run at once, as the Runner names it
         self.stopping = threading.Event()
         self._cond = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
         self._admitted = 0
-        self._rows: list[_Row] = []
-        self._batch = BatchCache()
-        self._batchable = True  # until a prefill's cache says otherwise (sliding-window layers: one at a time)
         model = live.composed.model
         self._eos = eos_token_ids(model, live.composed.tokenizer)
         self._cache_arg, self._extra = cache_argument(model)
-        self._thread = threading.Thread(target=self._loop, name="lorablocks-scheduler", daemon=True)
-        self._thread.start()
-
-    # ------------------------------------------------------------------------------------ the interface
+        lanes = max(1, min(lanes, self.max_batch))
+        self._lanes = [_Lane(self, -(-self.max_batch // lanes)) for _ in range(lanes)]
+        for i, lane in enumerate(self._lanes):
+            threading.Thread(target=lane.loop, name=f"lorablocks-scheduler-{i}", daemon=True).start()
 
     def start(self, job: Job) -> None:
         """Queue ``job``; :class:`ServerBusyError` when ``max_batch + queue`` are already in."""
@@ -163,103 +167,119 @@ class Scheduler:
             self.stopping.set()
             self._cond.notify_all()
 
-    # --------------------------------------------------------------------------------------- the loop
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not (self._waiting or self._rows or self.stopping.is_set()):
-                    self._cond.wait()
-            if self.stopping.is_set():
-                self._stop_all()
-                return
-            with self.live.reading() as fingerprint:
-                self._leave(lambda row: row.fingerprint != fingerprint, CUT_BY_CHANGE)
-                self._leave(lambda row: row.job.cancelled.is_set(), "length")
-                self._admit(fingerprint)
-                if self._rows:
-                    self._step()
-
-    def _stop_all(self) -> None:
-        self._leave(lambda row: True, "length")
+    def _take(self, lane: _Lane) -> Job | None:
+        """The next waiting job for ``lane``, if it has room and no other lane has fewer rows."""
+        if lane.rows and self.live.lock.writer_waiting():  # a change waits: one step, then it applies
+            return None
         with self._cond:
-            waiting, self._waiting = list(self._waiting), collections.deque()
-        for job in waiting:
-            self._end(job)
+            room = lane.cap if lane.batchable else 1
+            if not self._waiting or len(lane.rows) >= room or len(lane.rows) > min(len(x.rows) for x in self._lanes):
+                return None
+            return self._waiting.popleft()
 
     def _end(self, job: Job) -> None:
         job.put("end")
         with self._cond:
             self._admitted -= 1
 
+
+class _Lane:
+    """One decoding thread and its batch: rows join and leave between its steps."""
+
+    def __init__(self, owner: Scheduler, cap: int) -> None:
+        self.owner, self.cap = owner, cap
+        self.rows: list[_Row] = []
+        self.batch = BatchCache()
+        self.batchable = True  # until a prefill's cache says otherwise (sliding-window layers: one at a time)
+
+    def loop(self) -> None:
+        owner = self.owner
+        while True:
+            with owner._cond:
+                while not (owner._waiting or self.rows or owner.stopping.is_set()):
+                    owner._cond.wait()
+            if owner.stopping.is_set():
+                self._stop_all()
+                return
+            with owner.live.reading() as fingerprint:
+                self._leave(lambda row: row.fingerprint != fingerprint, CUT_BY_CHANGE)
+                self._leave(lambda row: row.job.cancelled.is_set(), "length")
+                self._admit(fingerprint)
+                if self.rows:
+                    self._step()
+                elif owner._waiting:  # another lane's turn: do not spin on the lock
+                    time.sleep(0.001)
+
+    def _stop_all(self) -> None:
+        self._leave(lambda row: True, "length")
+        with self.owner._cond:
+            waiting, self.owner._waiting = list(self.owner._waiting), collections.deque()
+        for job in waiting:
+            self.owner._end(job)
+
     def _leave(self, cut: Any, reason: str) -> None:
         """Rows that are done, or that ``cut(row)`` ends (their last chunk says ``reason``), leave the batch."""
-        for row in self._rows:
+        for row in self.rows:
             if not row.done and cut(row):
                 row.job.put("chunk", row.decoding.cut(reason))
                 row.done = True
-        kept = [i for i, row in enumerate(self._rows) if not row.done]
-        if len(kept) < len(self._rows):
-            for row in self._rows:
+        kept = [i for i, row in enumerate(self.rows) if not row.done]
+        if len(kept) < len(self.rows):
+            for row in self.rows:
                 if row.done:
-                    self._end(row.job)
-            self._rows = [self._rows[i] for i in kept]
-            self._batch.keep(kept)
-
-    def _next_waiting(self) -> Job | None:
-        with self._cond:
-            full = len(self._rows) >= (self.max_batch if self._batchable else 1)
-            return None if full or not self._waiting else self._waiting.popleft()
+                    self.owner._end(row.job)
+            self.rows = [self.rows[i] for i in kept]
+            self.batch.keep(kept)
 
     def _admit(self, fingerprint: str) -> None:
-        """Prefill waiting jobs (one at a time) until the batch is full; each joins with its first token."""
-        while (job := self._next_waiting()) is not None:
+        """Prefill waiting jobs (one at a time) while the lane has room; each joins with its first token."""
+        while (job := self.owner._take(self)) is not None:
             if job.cancelled.is_set():
-                self._end(job)
+                self.owner._end(job)
                 continue
             try:
                 self._prefill(job, fingerprint)
             except Exception as exc:  # reported to that client as one line; the batch goes on
                 job.put("error", exc)
-                self._end(job)
+                self.owner._end(job)
 
     @torch.no_grad()
     def _prefill(self, job: Job, fingerprint: str) -> None:
-        model = self.live.composed.model
-        decoding = Decoding(self.live.composed.tokenizer, job.params, self._eos)
+        owner, model = self.owner, self.owner.live.composed.model
+        decoding = Decoding(owner.live.composed.tokenizer, job.params, owner._eos)
         inputs = torch.tensor([list(job.ids)], device=next(model.parameters()).device)
-        out = model(input_ids=inputs, use_cache=True, **{self._cache_arg: None}, **self._extra)
+        out = model(input_ids=inputs, use_cache=True, **{owner._cache_arg: None}, **owner._extra)
         job.put("start", fingerprint)
         token, chunk = decoding.step(out.logits[0, -1])
         if chunk is not None:
             job.put("chunk", chunk)
         if chunk is not None and chunk.finish_reason:
-            self._end(job)
+            owner._end(job)
             return
         cache = cache_of(out)
         if not BatchCache.batchable(cache):
-            self._batchable = False
-            if self._rows:  # cannot happen with one row at most, but never join an unjoinable cache
+            self.batchable = False
+            if self.rows:  # never join a cache that cannot be batched
                 raise RuntimeError("this model's KV cache cannot be batched")
-        self._batch.join(cache, len(job.ids))
-        self._rows.append(_Row(job, decoding, token, fingerprint))
+        self.batch.join(cache, len(job.ids))
+        self.rows.append(_Row(job, decoding, token, fingerprint))
 
     @torch.no_grad()
     def _step(self) -> None:
         """One token for every running row; a failing forward ends them all with its error."""
-        model = self.live.composed.model
+        owner = self.owner
         try:
-            mask, positions = self._batch.step_inputs()
-            tokens = torch.tensor([[row.token] for row in self._rows], device=mask.device)
-            out = model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
-                        **{self._cache_arg: self._batch.cache}, **self._extra)
+            mask, positions = self.batch.step_inputs()
+            tokens = torch.tensor([[row.token] for row in self.rows], device=mask.device)
+            out = owner.live.composed.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
+                                            use_cache=True, **{owner._cache_arg: self.batch.cache}, **owner._extra)
         except Exception as exc:  # noqa: BLE001 - every running client is told, in one line
-            for row in self._rows:
+            for row in self.rows:
                 row.job.put("error", exc)
                 row.done = True
             self._leave(lambda row: False, "length")
             return
-        for i, row in enumerate(self._rows):
+        for i, row in enumerate(self.rows):
             row.token, chunk = row.decoding.step(out.logits[i, -1])
             if chunk is not None:
                 row.job.put("chunk", chunk)

@@ -123,6 +123,8 @@ class ServeSettings:
     active: tuple[tuple[str, float], ...] = field(default_factory=tuple)
     #: generations decoded together by the scheduler (continuous batching); 0: a thread per generation, ``workers``
     max_batch: int = 16
+    #: decoding threads of the scheduler, each with a batch of its own (GPU: 1; CPU: up to the cores)
+    lanes: int = 1
     workers: int = 4
     queue: int = 32
     cache_dir: str | None = None
@@ -171,7 +173,7 @@ def serve(settings: ServeSettings, announce: Callable[[str], None] = print) -> N
         live.set_active(settings.active)
     sock = _bind(settings.host, settings.port)
     host, port = sock.getsockname()[:2]
-    runner: Engine = (Scheduler(live, settings.max_batch, settings.queue) if settings.max_batch > 0
+    runner: Engine = (Scheduler(live, settings.max_batch, settings.queue, settings.lanes) if settings.max_batch > 0
                       else Runner(settings.workers, settings.queue))
     app = create_app(live, runner, AppSettings(model_name=_served_name(settings.model), access=settings.access(host),
                                                max_tokens_limit=settings.max_tokens_limit))
