@@ -94,3 +94,47 @@ def test_statistics_file_round_trips_exact_and_sketched_grams(tmp_path):
     with pytest.raises(OutputExistsError, match="never replaced"):  # --force never replaces what we did not write
         write_statistics(other, {"a": exact}, {"a": ["m1"]}, None, {}, force=True)
     assert other.read_bytes() == before
+
+
+def _sym(n: int, seed: int) -> torch.Tensor:
+    x = torch.randn(3 * n, n, generator=torch.Generator().manual_seed(seed))
+    g = x.T @ x / (3 * n)
+    return (g + g.T) / 2  # exactly symmetric
+
+
+def test_packed_triangle_round_trips_and_refuses_a_wrong_length():
+    from lorablocks.files.statistics import pack_triu, unpack_triu
+
+    for n in (1, 2, 7, 33):
+        g = _sym(n, n)
+        packed = pack_triu(g)
+        assert packed.shape == (n * (n + 1) // 2,)
+        assert torch.equal(unpack_triu(packed, n), g)
+    assert torch.equal(pack_triu(torch.arange(9.0).view(3, 3)), torch.tensor([0.0, 1, 2, 4, 5, 8]))
+    with pytest.raises(ValueError, match="packed triangle"):
+        unpack_triu(torch.zeros(5), 3)
+
+
+def test_statistics_files_hold_half_the_bytes_and_format_1_files_are_still_read(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from lorablocks.files.statistics import READABLE
+
+    g = _sym(64, 3)
+    new = tmp_path / "new.safetensors"
+    write_statistics(new, {"a": InputGram.exact(g, 9)}, {"a": ["m1"]}, "base/x", {})
+    old = tmp_path / "old.safetensors"
+    info = {"format": READABLE[0], "base_model": "base/x",
+            "sites": {"a": {"modules": ["m1"], "size": 64, "tokens": 9, "kind": "full"}}, "data": {}}
+    save_file({"a.gram": g.contiguous()}, str(old), metadata={"lorablocks": json.dumps(info)})
+    assert new.stat().st_size < 0.55 * old.stat().st_size
+    for path in (new, old):
+        again = open_statistics(path)
+        assert torch.equal(again.gram("m1").dense(), g.double()) and again.gram("m1").tokens == 9
+    info["format"] = "lorablocks-stats/2"  # claims packed triangles but holds a whole Gram
+    bad = tmp_path / "bad.safetensors"
+    save_file({"a.gram": g.contiguous()}, str(bad), metadata={"lorablocks": json.dumps(info)})
+    with pytest.raises(AdapterFormatError, match="a.triu"):
+        open_statistics(bad)

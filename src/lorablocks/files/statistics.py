@@ -3,7 +3,8 @@
 One Gram per distinct input site (modules fed the same tensor, e.g. ``q/k/v_proj`` or ``gate/up_proj``,
 share one, keyed by the first of them), each the token *mean* of ``x x^T`` over the block's domain
 examples (prompt and answer tokens, padding masked). Inputs up to :data:`DENSE_MAX` wide are stored exactly
-(float32, ``<site>.gram``); wider ones as a sketch: the top :data:`SKETCH_RANK` eigenpairs (``<site>.U``,
+(float32, the packed upper triangle ``<site>.triu``, row by row: a Gram is symmetric, so half the bytes
+to store, read and hash; format 1 files with the whole ``<site>.gram`` are still read); wider ones as a sketch: the top :data:`SKETCH_RANK` eigenpairs (``<site>.U``,
 ``<site>.S``) plus the exact diagonal (``<site>.diag``). The safetensors metadata holds one JSON object
 (``lorablocks``): format, base model, per site its modules, width, token count and kind, and which data
 (split, examples, tokens) the statistics came from. Nothing is ever unpickled: safetensors + JSON only.
@@ -14,6 +15,7 @@ mismatched adapters (:class:`~lorablocks.errors.BaseModelMismatchError`, :class:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -30,11 +32,13 @@ from lorablocks.errors import (AdapterFormatError, BaseModelMismatchError, LoraB
 from lorablocks.files.outputs import atomic_file, one_line
 from lorablocks.files.records import PendingDigest
 
-__all__ = ["STATS_NAME", "FORMAT", "DENSE_MAX", "SKETCH_RANK", "StatsSite", "BlockStatistics", "open_statistics",
+__all__ = ["STATS_NAME", "FORMAT", "READABLE", "pack_triu", "unpack_triu", "DENSE_MAX", "SKETCH_RANK", "StatsSite", "BlockStatistics", "open_statistics",
            "statistics_beside", "write_statistics"]
 
 STATS_NAME = "lorablocks_stats.safetensors"
-FORMAT = "lorablocks-stats/1"
+FORMAT = "lorablocks-stats/2"
+#: formats read (1: whole Grams, ``<site>.gram``; 2: packed upper triangles, ``<site>.triu``)
+READABLE = ("lorablocks-stats/1", FORMAT)
 #: inputs up to this width keep their exact Gram (SmolLM2-135M: 576 and 1536; 7B: 4096 and 11008 are sketched)
 DENSE_MAX = 2048
 #: eigenpairs kept by a sketch
@@ -59,6 +63,7 @@ class BlockStatistics:
     base_model: str | None = None
     data: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    format: str = FORMAT
     #: the file's SHA-256, or its digest still being computed in the background (:attr:`sha256` waits)
     digest: str | PendingDigest | None = None
     grams: dict[str, InputGram] | None = None  # in memory (``path`` None)
@@ -112,8 +117,10 @@ class BlockStatistics:
         meta = self.sites[site]
         try:
             with safe_open(str(self.path), framework="pt") as fh:
-                if meta.kind == "full":
+                if meta.kind == "full" and self.format == READABLE[0]:
                     return InputGram.exact(fh.get_tensor(f"{site}.gram"), meta.tokens)
+                if meta.kind == "full":
+                    return InputGram.exact(unpack_triu(fh.get_tensor(f"{site}.triu"), meta.size), meta.tokens)
                 return InputGram(diag=fh.get_tensor(f"{site}.diag"), U=fh.get_tensor(f"{site}.U"),
                                  S=fh.get_tensor(f"{site}.S"), tokens=meta.tokens)
         except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
@@ -122,6 +129,30 @@ class BlockStatistics:
     def record(self) -> dict[str, Any]:
         """What a composition's record says about the statistics it used."""
         return {"path": str(self.path) if self.path else None, "sha256": self.sha256, "data": self.data}
+
+
+@functools.lru_cache(maxsize=4)
+def _triu_flat(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices of an ``n x n`` matrix's upper triangle (row by row) and of their mirror images."""
+    rows, cols = torch.triu_indices(n, n)
+    return rows * n + cols, cols * n + rows
+
+
+def pack_triu(gram: torch.Tensor) -> torch.Tensor:
+    """The upper triangle (diagonal included) of a square matrix, row by row, as one vector."""
+    upper, _ = _triu_flat(gram.shape[0])
+    return gram.reshape(-1)[upper]
+
+
+def unpack_triu(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The symmetric ``n x n`` matrix whose upper triangle :func:`pack_triu` packed."""
+    if packed.ndim != 1 or packed.shape[0] != n * (n + 1) // 2:
+        raise ValueError(f"{tuple(packed.shape)} is not the packed triangle of a {n} x {n} matrix")
+    upper, lower = _triu_flat(n)
+    out = torch.empty(n * n, dtype=packed.dtype)
+    out.index_copy_(0, upper, packed)
+    out.index_copy_(0, lower, packed)
+    return out.view(n, n)
 
 
 def _site_of(key: str, value: Any, where: Path) -> StatsSite:
@@ -148,16 +179,20 @@ def open_statistics(path: str | os.PathLike) -> BlockStatistics:
         info = json.loads(meta.get("lorablocks", ""))
     except ValueError:
         info = None
-    if not isinstance(info, dict) or info.get("format") != FORMAT or not isinstance(info.get("sites"), dict):
+    if not isinstance(info, dict) or info.get("format") not in READABLE or not isinstance(info.get("sites"), dict):
         raise AdapterFormatError(f"{path} is not a lorablocks statistics file (format {FORMAT})")
+    packed = info["format"] != READABLE[0]
     sites = {k: _site_of(k, v, path) for k, v in info["sites"].items()}
     for k, s in sites.items():
-        want = {f"{k}.gram": (s.size, s.size)} if s.kind == "full" else {f"{k}.diag": (s.size,)}
+        if s.kind == "sketch":
+            want = {f"{k}.diag": (s.size,)}
+        else:
+            want = {f"{k}.triu": (s.size * (s.size + 1) // 2,)} if packed else {f"{k}.gram": (s.size, s.size)}
         for name, shape in want.items():
             if shapes.get(name) != shape:
                 raise AdapterFormatError(f"{path}: tensor {name} is {shapes.get(name)}, its site says {shape}")
     return BlockStatistics(sites=sites, base_model=info.get("base_model"), data=info.get("data") or {}, path=path,
-                           digest=PendingDigest(path))
+                           format=info["format"], digest=PendingDigest(path))
 
 
 def statistics_beside(folder: str | os.PathLike) -> BlockStatistics | None:
@@ -192,7 +227,7 @@ def write_statistics(path: str | os.PathLike, grams: Mapping[str, InputGram], mo
         if g.is_sketch:
             tensors.update({f"{site}.diag": g.diag, f"{site}.U": g.U, f"{site}.S": g.S})
         else:
-            tensors[f"{site}.gram"] = g.full
+            tensors[f"{site}.triu"] = pack_triu(g.full)
         sites[site] = {"modules": list(modules[site]), "size": g.size, "tokens": int(g.tokens),
                        "kind": "sketch" if g.is_sketch else "full"}
     tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in tensors.items()}
