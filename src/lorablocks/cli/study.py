@@ -17,7 +17,7 @@ def study_cmd(
     config: Annotated[Optional[Path], typer.Argument(help="Study config (YAML); settings override the preset.")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Folder holding the domain folders (e.g. ../shared/data).")] = None,
     out: Annotated[Path, typer.Option("--out", help="Output folder; running again resumes from its cache.")] = Path("study-out"),
-    preset: Annotated[Optional[str], typer.Option("--preset", help="smoke (minutes, for checking), quick (the README's run, <20 min on 2 CPU cores), standard (all five domains, <90 min) or paper (the paper's scale, 3 seeds; for a GPU).")] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", help="smoke (minutes, for checking), quick (the README's run, about 40 min on 2 CPU cores), standard (all five domains, about 1.5-2 h) or paper (the paper's scale, 3 seeds; for a GPU).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="Override the config's base model.")] = None,
     domains: Annotated[Optional[str], typer.Option("--domains", help="Override the domains, comma-separated (e.g. math,medicine,finance,code).")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Where the built-in model is cached.")] = None,

@@ -119,7 +119,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "analysis": {"bootstrap_resamples": 2000, "probe_limit": 4},
         "seeds": [0],
     },
-    # The README's main command, under 20 minutes on 2 CPU cores. Four domains (with the near pair
+    # The README's main command, about 40 minutes on 2 shared CPU cores (19 before regmean joined). Four domains (with the near pair
     # medicine/biomed) give 28 fine points (3 domains give 9); a sum is scored only on its own domains, the base
     # model and the singles on all; merged-data adapters for the 6 pairs (the paper's level), none for larger
     # subsets (each costs k times the steps); regmean beside every sum (statistics from each block's training
