@@ -158,3 +158,26 @@ def test_generate_composes_regmean_from_the_blocks_stored_statistics(blocks, tin
     w_rm, w_sm, w_0 = (dict(m.model.named_parameters())[name] for m in (rm, sm, base))
     assert not torch.allclose(w_rm, w_sm, atol=1e-5) and not torch.allclose(w_rm, w_0, atol=1e-5)
     assert rm.recipe.method == "regmean"
+
+
+def test_regmean_fingerprint_covers_the_statistics_used(blocks, domains, tiny_model_dirs, tmp_path):
+    """Same adapters, other statistics: other weights, so another fingerprint (the record names both)."""
+    import shutil
+
+    copies = {d: tmp_path / f"copy-{d}" for d in blocks}
+    for d, src in blocks.items():
+        shutil.copytree(src, copies[d])
+    a, b = str(copies["math"]), str(copies["words"])
+    assert run_app(["combine", a, b, "--method", "regmean", "--out", str(tmp_path / "one")]) == 0
+    first = json.loads((tmp_path / "one" / "lorablocks.json").read_text())["recipe"]
+    want = [open_statistics(copies[d] / STATS_NAME).sha256 for d in ("math", "words")]
+    assert [blk["statistics_sha256"] for blk in first["blocks"]] == want
+    # the math block's statistics from the other domain's examples
+    assert run_app(["stats", a, "--model", str(tiny_model_dirs["llama"]), "--data", str(domains["words"]),
+                    "--limit", "16", "--force"]) == 0
+    assert run_app(["combine", a, b, "--method", "regmean", "--out", str(tmp_path / "two")]) == 0
+    second = json.loads((tmp_path / "two" / "lorablocks.json").read_text())["recipe"]
+    assert second["blocks"][0]["statistics_sha256"] != want[0] and second["blocks"][1]["statistics_sha256"] == want[1]
+    assert second["fingerprint"] != first["fingerprint"]
+    one, two = load_adapter(tmp_path / "one"), load_adapter(tmp_path / "two")
+    assert max(float((to_dense(one.delta[m]) - to_dense(two.delta[m])).norm()) for m in one.delta) > 1e-6

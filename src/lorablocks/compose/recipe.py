@@ -176,7 +176,8 @@ def compose(recipe: Recipe, sources: Sequence[DeltaSource | Mapping[str, LowRank
     source's ``statistics`` attribute (an adapter file's stored statistics); they are checked against the
     blocks (base model, modules, widths) before any work. Shapes are checked before any factor is read. Each module's blocks are read (from disk for a file
     source), combined by the recipe's method, re-factored at its rank mode and handed to ``sink`` (then
-    dropped: memory holds one module at a time) or kept in ``Composition.delta``.
+    dropped: memory holds one module at a time) or kept in ``Composition.delta``. The composition's recipe
+    is ``recipe`` with the statistics' fingerprints filled in (:func:`with_statistics`): use it, not ``recipe``.
     """
     if len(sources) != len(recipe.blocks):
         raise CompositionError(f"{len(recipe.blocks)} blocks in the recipe but {len(sources)} sources given",
@@ -188,8 +189,6 @@ def compose(recipe: Recipe, sources: Sequence[DeltaSource | Mapping[str, LowRank
     names = list(dict.fromkeys(n for s in srcs for n in s.modules))
     result = Composition(recipe=recipe, report=CompressionReport(mode=str(recipe.rank)))
     stats = _statistics(recipe, srcs, statistics) if method.needs_statistics else None
-    if stats is not None:
-        result.statistics = [s.record() for s in stats]
     for name in names:
         index = [i for i, h in enumerate(held) if name in h]
         parts = [(recipe.blocks[i].weight, srcs[i].factors(name)) for i in index]
@@ -217,7 +216,18 @@ def compose(recipe: Recipe, sources: Sequence[DeltaSource | Mapping[str, LowRank
         del parts, out
         if sink is not None:  # streaming: hand each module's memory back before the next
             _release_freed_memory()
+    if stats is not None:  # after the work: a statistics file's digest is computed in the background meanwhile
+        result.statistics = [s.record() for s in stats]
+        result.recipe = with_statistics(recipe, stats)
     return result
+
+
+def with_statistics(recipe: Recipe, stats: Sequence[Any]) -> Recipe:
+    """``recipe`` with each block's ``statistics_sha256`` set from the statistics used (those of a file; in
+    memory statistics have none), so that its fingerprint changes when the statistics do."""
+    blocks = tuple(b if st.sha256 is None else b.model_copy(update={"statistics_sha256": st.sha256})
+                   for b, st in zip(recipe.blocks, stats))
+    return recipe.model_copy(update={"blocks": blocks})
 
 
 def _statistics(recipe: Recipe, srcs: Sequence[DeltaSource], given: Sequence[Any] | None) -> list[Any]:

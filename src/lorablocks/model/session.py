@@ -121,7 +121,7 @@ class ComposedModel:
     def apply_recipe(self, recipe: Recipe, sources: Sequence[DeltaSource | Mapping[str, LowRank]]) -> tuple[Composition, ApplyReport]:
         """Compose ``recipe`` from ``sources`` and make it the active composition."""
         composition = compose(recipe, sources)
-        return composition, self.apply(composition.delta, recipe)
+        return composition, self.apply(composition.delta, composition.recipe)
 
     @torch.no_grad()
     def clear(self) -> ApplyReport:

@@ -213,7 +213,7 @@ class LiveModel:
         recipe = live_recipe([b.block(w) for b, w in zip(loaded, weights)], self.method, self.params)
         composition = compose(recipe, [MemorySource(b.delta, statistics=b.file.statistics) for b in loaded])
         check_delta_fits(self.composed.model, composition.delta, label="the composition")
-        return composition.delta, recipe
+        return composition.delta, composition.recipe
 
 
 def _check_weights(loaded: Sequence[LoadedBlock], weights: Sequence[float],
