@@ -18,6 +18,16 @@ paper's shape (rank 4 on q,k,v,o,down_proj, random non-zero factors, ``|dW| ~ 5 
    while the composition changes every second: requests/s, p50/p95 latency, errors, and responses whose
    text is not the greedy output of the composition whose fingerprint they report (must be 0).
 
+4. **batching** (issue 16): today's path (a thread per generation, ``Runner(workers=4)``, the read lock held
+   for a whole generation) and the scheduler (continuous batching, ``--max-batch 16``) side by side, each
+   behind its own server on the same model (and the scheduler with 2 lanes: two decoding threads, one batch
+   each, as many forwards at once as cores here), alternating: 1, 4, 8 and 16 clients each stream one chat answer
+   of ``--batch-tokens`` (default 128; the two prompts run past it without EOS) at once: aggregate tokens/s
+   (all tokens over the wall time) and time to first token (p50, max). Floors: >= 3x today's at 8 clients,
+   1 client not lower. Then a composition change every 0.5 s for ``--change-seconds`` while
+   ``--change-clients`` clients stream: the change's HTTP latency p50/p99 on each path (and how many answers
+   a change cut: ``finish_reason`` ``composition_changed``, batched only).
+
 Timings are the best (throughput, loading) or the median (changes) of ``--repeats`` alternating runs; torch
 uses ``--threads`` intra-op threads (default 1, as the other benchmarks on the 2 shared cores).
 """
@@ -270,6 +280,129 @@ def bench_load(live: Any, url: str, clients: int, seconds: float, max_tokens: in
             "change_p50_ms": 1e3 * statistics.median(c for _, c in changes) if changes else None}
 
 
+# ------------------------------------------------------------------------------------------ 4. batching
+
+
+LONG_PROMPTS = ("Write a long, detailed essay about the history of the Roman Empire.",
+                "Explain in detail how a car engine works, step by step.")
+
+
+def _stream_chat(client: Any, url: str, prompt: str, max_tokens: int) -> tuple[float | None, int, str | None]:
+    """One streamed chat answer: (seconds to its first token, completion tokens, finish reason)."""
+    body = {"model": "smollm2-135m", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    t0, first, tokens, finish = time.perf_counter(), None, 0, None
+    with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            tokens = (event.get("usage") or {}).get("completion_tokens", tokens)
+            for choice in event.get("choices", []):
+                if choice["delta"].get("content") and first is None:
+                    first = time.perf_counter() - t0
+                finish = choice["finish_reason"] or finish
+    return first, tokens, finish
+
+
+def _burst(url: str, clients: int, max_tokens: int) -> dict[str, Any]:
+    """``clients`` answers at once: aggregate tokens/s over the wall time, time to first token."""
+    import httpx
+
+    out: list[tuple[float | None, int, str | None]] = []
+
+    def one(i: int) -> None:
+        with httpx.Client(timeout=600) as client:
+            out.append(_stream_chat(client, url, LONG_PROMPTS[i % 2], max_tokens))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(900)
+    wall, ttft = time.perf_counter() - t0, sorted(r[0] for r in out if r[0] is not None)
+    return {"clients": clients, "seconds": wall, "tokens": sum(r[1] for r in out),
+            "tokens_per_s": sum(r[1] for r in out) / wall, "ttft_p50_ms": 1e3 * statistics.median(ttft),
+            "ttft_max_ms": 1e3 * ttft[-1], "finished": sorted({str(r[2]) for r in out}), "answers": len(out)}
+
+
+def _changes_under_load(live: Any, url: str, clients: int, seconds: float, max_tokens: int) -> dict[str, Any]:
+    """Streaming clients in a loop while the composition changes every 0.5 s: the changes' HTTP latency."""
+    import httpx
+
+    stop, answers, latencies = threading.Event(), [], []
+
+    def loop(i: int) -> None:
+        with httpx.Client(timeout=600) as client:
+            while not stop.is_set():
+                answers.append(_stream_chat(client, url, LONG_PROMPTS[i % 2], max_tokens))
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(2.0)  # the clients are generating
+    t_end, k = time.perf_counter() + seconds, 0
+    with httpx.Client(timeout=600) as client:
+        while time.perf_counter() < t_end:
+            entries = COMPOSITIONS[1 + k % 3]
+            t0 = time.perf_counter()
+            r = client.put(url + "/v1/blocks", json={"active": [{"name": n, "weight": w} for n, w in entries]})
+            assert r.status_code == 200, r.text
+            latencies.append(time.perf_counter() - t0)
+            k += 1
+            time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join(900)
+    latencies.sort()
+    return {"changes": len(latencies), "p50_ms": 1e3 * statistics.median(latencies),
+            "p99_ms": 1e3 * latencies[min(len(latencies) - 1, math.ceil(0.99 * len(latencies)) - 1)],
+            "max_ms": 1e3 * latencies[-1], "answers": len(answers),
+            "cut": sum(1 for a in answers if a[2] == "composition_changed")}
+
+
+def bench_batching(live: Any, urls: dict[str, str], counts: list[int], max_tokens: int, change_seconds: float,
+                   change_clients: int) -> dict[str, Any]:
+    import httpx
+
+    live.set_active([("a", 1.0), ("b", 1.0)])
+    for url in urls.values():  # warm up each path
+        with httpx.Client(timeout=600) as client:
+            _stream_chat(client, url, LONG_PROMPTS[0], 8)
+    table: dict[str, dict[int, Any]] = {engine: {} for engine in urls}
+    for n in counts:
+        for engine, url in urls.items():
+            table[engine][n] = _burst(url, n, max_tokens)
+    changes = {engine: _changes_under_load(live, url, change_clients, change_seconds, max_tokens)
+               for engine, url in urls.items()}
+    ratios = {engine: {n: table[engine][n]["tokens_per_s"] / table["today"][n]["tokens_per_s"] for n in counts}
+              for engine in urls if engine != "today"}
+    return {"max_tokens": max_tokens, "table": table, "ratios": ratios, "changes": changes,
+            "change_clients": change_clients, "floor_at_8": 3.0}
+
+
+def _print_batching(b: dict[str, Any]) -> None:
+    engines = list(b["table"])
+    print(f"4. batching, {b['max_tokens']} new tokens per answer, all clients at once; today: a thread per generation "
+          "(4 workers); batched: the scheduler (max batch 16), 1 lane or 2; tokens/s (ratio to today), TTFT p50/max ms")
+    print("   clients" + "".join(f" {e:>34}" for e in engines))
+    for n in b["table"]["today"]:
+        cells = []
+        for e in engines:
+            r = b["table"][e][n]
+            ratio = f" ({b['ratios'][e][n]:.2f}x)" if e != "today" else ""
+            cells.append(f"{r['tokens_per_s']:.1f}{ratio} {r['ttft_p50_ms']:.0f}/{r['ttft_max_ms']:.0f}")
+        print(f"   {n:>7}" + "".join(f" {c:>34}" for c in cells))
+    for e, ratios in b["ratios"].items():
+        print(f"   {e}: {ratios.get(8, 0):.2f}x at 8 clients (floor {b['floor_at_8']:.0f}x), {ratios.get(1, 0):.2f}x "
+              "at 1 client (floor: not lower)")
+    for engine, c in b["changes"].items():
+        print(f"   change under load ({b['change_clients']} clients streaming), {engine}: p50 {c['p50_ms']:.0f} ms, "
+              f"p99 {c['p99_ms']:.0f} ms, max {c['max_ms']:.0f} ms over {c['changes']} changes; {c['answers']} "
+              f"answers, {c['cut']} cut by a change")
+
+
 # --------------------------------------------------------------------------------------------- main
 
 
@@ -291,6 +424,8 @@ def _print(results: dict[str, Any]) -> None:
               f"(median {lo['change_p50_ms']:.0f} ms under load): {lo['requests_per_s']:.2f} requests/s, p50 "
               f"{lo['p50_ms']:.0f} ms, p95 {lo['p95_ms']:.0f} ms, {lo['errors']} errors, {lo['inconsistent']} inconsistent "
               f"with their fingerprint ({lo['fingerprints_seen']} compositions seen, {lo['requests']} requests)")
+    if results.get("batching"):
+        _print_batching(results["batching"])
 
 
 def main() -> None:
@@ -301,7 +436,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--load-max-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on 2 shared cores, as the other benchmarks)")
-    parser.add_argument("--parts", default="change,throughput,load", help="comma-separated subset to run")
+    parser.add_argument("--parts", default="change,throughput,load,batching", help="comma-separated subset to run")
+    parser.add_argument("--batch-clients", default="1,4,8,16", help="client counts of the batching part")
+    parser.add_argument("--batch-tokens", type=int, default=128, help="new tokens per answer in the batching part")
+    parser.add_argument("--change-seconds", type=float, default=30.0, help="changes under load, per path")
+    parser.add_argument("--change-clients", type=int, default=8)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -310,6 +449,7 @@ def main() -> None:
     from lorablocks.model.session import ComposedModel
     from lorablocks.serving.blocks import BlockLibrary
     from lorablocks.serving.live import LiveModel, Runner
+    from lorablocks.serving.scheduler import Scheduler
     from lorablocks.serving.server import AppSettings, create_app
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -320,8 +460,10 @@ def main() -> None:
         combine_files([root / "blocks" / n for n in "abc"], root / "merged", merge_into="smollm2-135m")
         merge_seconds = time.perf_counter() - t0
         live = LiveModel(composed, BlockLibrary(root / "blocks"))
-        runner = Runner(workers=4, queue=64)
-        server = Server(create_app(live, runner, AppSettings(model_name="smollm2-135m", max_tokens_limit=512)))
+        settings = AppSettings(model_name="smollm2-135m", max_tokens_limit=512)
+        server = Server(create_app(live, Runner(workers=4, queue=64), settings))  # today's path
+        batched = Server(create_app(live, Scheduler(live, max_batch=16, queue=64), settings))
+        laned = Server(create_app(live, Scheduler(live, max_batch=16, queue=64, lanes=2), settings))
         parts, results = args.parts.split(","), {"torch_threads": args.threads}
         try:
             if "change" in parts:
@@ -331,8 +473,14 @@ def main() -> None:
                 results["throughput"] = bench_throughput(live, root / "blocks", args.new_tokens, args.repeats)
             if "load" in parts:
                 results["load"] = bench_load(live, server.url, args.clients, args.load_seconds, args.load_max_tokens)
+            if "batching" in parts:
+                results["batching"] = bench_batching(live, {"today": server.url, "batched": batched.url,
+                                                                "batched, 2 lanes": laned.url},
+                                                     [int(n) for n in args.batch_clients.split(",")], args.batch_tokens,
+                                                     args.change_seconds, args.change_clients)
         finally:
-            server.stop()
+            for s in (server, batched, laned):
+                s.stop()
     _print(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

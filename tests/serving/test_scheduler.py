@@ -70,9 +70,9 @@ def tiny_live(request, tok, tmp_path_factory) -> LiveModel:
     return LiveModel(ComposedModel(model, tok), BlockLibrary(tmp_path_factory.mktemp("noblocks")))
 
 
-@pytest.fixture
-def scheduler(tiny_live):
-    s = Scheduler(tiny_live, max_batch=4, queue=8)
+@pytest.fixture(params=[1, 2], ids=["1 lane", "2 lanes"])
+def scheduler(request, tiny_live):
+    s = Scheduler(tiny_live, max_batch=4, queue=8, lanes=request.param)
     yield s
     s.shutdown()
 

@@ -109,7 +109,6 @@ def serve_cmd(
     majority_sign: MajorityOpt = None,
     alpha: AlphaOpt = None,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Generations decoded together, one step at a time (continuous batching; a change of composition cuts the running ones, finish_reason composition_changed). 0: a thread per generation (--workers), changes wait for them.")] = 16,
-    lanes: Annotated[int, typer.Option("--lanes", help="Decoding threads of the batching scheduler, each with a batch of its own (1 on a GPU; on a CPU at most one per core).")] = 1,
     workers: Annotated[int, typer.Option("--workers", help="With --max-batch 0: generations run at once, each on its own thread.")] = 4,
     queue: Annotated[int, typer.Option("--queue", help="Generations that may wait beyond those (more: 503).")] = 32,
     threads: Annotated[Optional[int], typer.Option("--threads", help="torch threads per generation (default: torch's; 1 suits several generations on few cores).")] = None,
@@ -126,8 +125,8 @@ def serve_cmd(
 
     if not 0 <= port <= 65535:
         raise LoraBlocksError(f"--port must be in 0..65535, got {port}")
-    if min(max_tokens_limit, workers, lanes) < 1 or queue < 0 or max_batch < 0 or (threads is not None and threads < 1):
-        raise LoraBlocksError("--max-tokens-limit, --workers, --lanes and --threads must be positive, --queue and "
+    if min(max_tokens_limit, workers) < 1 or queue < 0 or max_batch < 0 or (threads is not None and threads < 1):
+        raise LoraBlocksError("--max-tokens-limit, --workers and --threads must be positive, --queue and "
                               "--max-batch not negative")
     if threads is not None:
         import torch
@@ -136,7 +135,7 @@ def serve_cmd(
     settings = ServeSettings(blocks=str(blocks), model=model, host=host, port=port, api_key=api_key,
                              admin_key=admin_key, allowed_hosts=tuple(allowed_host or ()),
                              max_body_bytes=max_body_bytes, max_tokens_limit=max_tokens_limit,
-                             active=parse_active(active), max_batch=max_batch, lanes=lanes, workers=workers, queue=queue,
+                             active=parse_active(active), max_batch=max_batch, workers=workers, queue=queue,
                              cache_dir=str(cache_dir) if cache_dir else None, method=method,
                              params=method_params(density=density, space=space, majority_sign=majority_sign,
                                                   alpha=alpha))

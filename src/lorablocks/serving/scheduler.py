@@ -130,8 +130,9 @@ class Scheduler:
     :class:`ServerBusyError`, a 503). The same interface as :class:`~lorablocks.serving.live.Runner`.
 
     ``lanes`` threads each decode a batch of their own (up to ``ceil(max_batch / lanes)`` rows; the least
-    loaded lane takes the next waiting request): one lane on a GPU; on a CPU, up to one per core, each forward
-    on one intra-op thread, as the thread-per-generation path runs them.
+    loaded lane takes the next waiting request), each forward on one intra-op thread as the thread-per-generation
+    path runs them. ``serve`` uses one: two measured slower than one on this project's 2-core machine
+    (``benchmarks/bench_serving.py --parts batching``).
     """
 
     def __init__(self, live: LiveModel, max_batch: int = 16, queue: int = 32, lanes: int = 1) -> None:

@@ -9,6 +9,11 @@ Endpoints (all behind ``Authorization: Bearer KEY`` when an API key is set; see
 * ``GET /v1/blocks``; ``PUT /v1/blocks`` (the whole composition); ``POST /v1/blocks/{name}`` (add or
   re-weight); ``DELETE /v1/blocks/{name}``.
 
+Generations are decoded together (continuous batching, :mod:`lorablocks.serving.scheduler`, ``max_batch``); a
+change of composition applies between two decoding steps and cuts the generations that are running (their last
+chunk's ``finish_reason`` is ``composition_changed``), so every answer's fingerprint is that of the weights behind
+all of its tokens. ``max_batch = 0``: a thread per generation (``workers``), and a change waits for them all.
+
 Errors are OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``, with one clear message; the
 status of every library error is decided in one place, :func:`lorablocks.serving.errors.error_status`.
 """
@@ -123,8 +128,6 @@ class ServeSettings:
     active: tuple[tuple[str, float], ...] = field(default_factory=tuple)
     #: generations decoded together by the scheduler (continuous batching); 0: a thread per generation, ``workers``
     max_batch: int = 16
-    #: decoding threads of the scheduler, each with a batch of its own (GPU: 1; CPU: up to the cores)
-    lanes: int = 1
     workers: int = 4
     queue: int = 32
     cache_dir: str | None = None
@@ -173,7 +176,7 @@ def serve(settings: ServeSettings, announce: Callable[[str], None] = print) -> N
         live.set_active(settings.active)
     sock = _bind(settings.host, settings.port)
     host, port = sock.getsockname()[:2]
-    runner: Engine = (Scheduler(live, settings.max_batch, settings.queue, settings.lanes) if settings.max_batch > 0
+    runner: Engine = (Scheduler(live, settings.max_batch, settings.queue) if settings.max_batch > 0
                       else Runner(settings.workers, settings.queue))
     app = create_app(live, runner, AppSettings(model_name=_served_name(settings.model), access=settings.access(host),
                                                max_tokens_limit=settings.max_tokens_limit))
