@@ -76,3 +76,35 @@ def test_default_model_block_changes_greedy_output_and_removal_restores_it(tmp_p
         assert _digest(composed.model) == pristine
     finally:
         server.stop()
+
+
+def test_default_model_batched_greedy_answers_equal_answers_alone(tmp_path):
+    """Continuous batching on the real model: four chats of different lengths decoded together (left-padded,
+    joining at different steps) give the greedy tokens each gives alone."""
+    from lorablocks.model.session import ComposedModel
+    from lorablocks.serving.blocks import BlockLibrary
+    from lorablocks.serving.generation import SamplingParams, encode_chat, generate_text
+    from lorablocks.serving.live import LiveModel
+    from lorablocks.serving.scheduler import Scheduler
+    from tests.serving.test_scheduler import FakeJob
+
+    composed = ComposedModel.load("smollm2-135m")
+    (tmp_path / "blocks").mkdir()
+    live = LiveModel(composed, BlockLibrary(tmp_path / "blocks"))
+    questions = ["Tell me a short story about a cat.", "What is the capital of France? Explain why.",
+                 "Hi", "List three colours and one thing of each colour, please, in a sentence each."]
+    jobs = [FakeJob(encode_chat(composed.tokenizer, [{"role": "user", "content": q}]),
+                    SamplingParams(max_new_tokens=24)) for q in questions]
+    assert len({len(j.ids) for j in jobs}) == len(jobs)
+    scheduler = Scheduler(live, max_batch=4, queue=4)
+    try:
+        with live.lock.write():
+            for job in jobs[:2]:
+                scheduler.start(job)
+        jobs[0].started.wait(60)
+        for job in jobs[2:]:
+            scheduler.start(job)
+        for job in jobs:
+            assert job.result() == generate_text(composed.model, composed.tokenizer, job.ids, job.params)
+    finally:
+        scheduler.shutdown()
