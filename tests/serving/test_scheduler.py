@@ -228,3 +228,74 @@ def test_the_batching_server_answers_503_with_retry_after_when_full(live):
         assert first[0].status_code == 200
     finally:
         server.stop()
+
+
+class _FailingDecode:
+    """A tokenizer whose ``decode`` fails on text holding token ``bad`` (every other call is the real one's)."""
+
+    def __init__(self, tokenizer: Any, bad: int) -> None:
+        self._tokenizer, self._bad = tokenizer, bad
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._tokenizer(*args, **kwargs)
+
+    def decode(self, ids: Any, **kwargs: Any) -> str:
+        if self._bad in list(ids):
+            raise ValueError(f"token {self._bad} does not decode")
+        return self._tokenizer.decode(ids, **kwargs)
+
+
+def _greedy_tokens(model: torch.nn.Module, ids: list[int], n: int) -> list[int]:
+    ids, new = list(ids), []
+    with torch.no_grad():
+        for _ in range(n):
+            new.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+            ids.append(new[-1])
+    return new
+
+
+def test_a_row_whose_text_fails_to_decode_fails_alone(tiny_live, tok, tmp_path):
+    from lorablocks.serving.blocks import BlockLibrary
+
+    model, params = tiny_live.composed.model, SamplingParams(max_new_tokens=20)
+    a, b = encode_prompt(tok, PROMPTS[0], "raw"), encode_prompt(tok, PROMPTS[2], "raw")
+    others = set(_greedy_tokens(model, b, 20))
+    bad = next(t for t in _greedy_tokens(model, a, 20)[3:] if t not in others)  # a's text fails mid-answer, b's never
+    live = LiveModel(ComposedModel(model, _FailingDecode(tok, bad)), BlockLibrary(tmp_path))
+    scheduler = Scheduler(live, max_batch=4, queue=4)
+    try:
+        failing, fine = FakeJob(a, params), FakeJob(b, params)
+        with live.lock.write():  # both in one batch
+            scheduler.start(failing)
+            scheduler.start(fine)
+        assert failing.ended.wait(30) and [k for k, _ in failing.events][-2:] == ["error", "end"]
+        assert fine.result() == _alone(tiny_live, fine)
+        later = FakeJob(b, SamplingParams(max_new_tokens=5))  # the scheduler goes on
+        scheduler.start(later)
+        assert later.result() == _alone(tiny_live, later)
+    finally:
+        scheduler.shutdown()
+
+
+def test_a_decoding_thread_that_fails_ends_every_request_and_refuses_new_ones(tiny_live, tok):
+    scheduler = Scheduler(tiny_live, max_batch=1, queue=2)
+    try:
+        def broken(rows: list[int]) -> None:
+            raise RuntimeError("a bug in the batch")
+
+        scheduler._lanes[0].batch.keep = broken  # the first row that leaves breaks the thread
+        ids = encode_prompt(tok, PROMPTS[0], "raw")
+        first, waiting = FakeJob(ids, SamplingParams(max_new_tokens=4)), FakeJob(ids, SamplingParams(max_new_tokens=4))
+        with tiny_live.lock.write():
+            scheduler.start(first)
+            scheduler.start(waiting)
+        assert first.ended.wait(30) and waiting.ended.wait(30)  # nobody hangs
+        assert [k for k, _ in waiting.events] == ["error", "end"] and "a bug" in str(waiting.events[0][1])
+        with pytest.raises(RuntimeError, match="internal error: RuntimeError: a bug in the batch"):
+            scheduler.start(FakeJob(ids, SamplingParams(max_new_tokens=4)))
+        assert scheduler._admitted == 0
+    finally:
+        scheduler.shutdown()

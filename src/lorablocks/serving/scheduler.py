@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import torch
 
+from lorablocks.errors import one_line
 from lorablocks.serving.errors import ServerBusyError
 from lorablocks.serving.generation import Decoding, SamplingParams, cache_argument, cache_of, eos_token_ids
 from lorablocks.serving.live import LiveModel
@@ -139,6 +140,8 @@ class Scheduler:
         self.live, self.max_batch, self.queue = live, max(1, max_batch), max(0, queue)
         self.workers = self.max_batch  # generations run at once, as the Runner names it
         self.stopping = threading.Event()
+        #: the error that stopped a decoding thread (then every new generation is refused with it)
+        self.failure: Exception | None = None
         self._cond = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
         self._admitted = 0
@@ -153,6 +156,9 @@ class Scheduler:
     def start(self, job: Job) -> None:
         """Queue ``job``; :class:`ServerBusyError` when ``max_batch + queue`` are already in."""
         with self._cond:
+            if self.failure is not None:
+                raise RuntimeError(f"the scheduler stopped on an internal error: {type(self.failure).__name__}: "
+                                   f"{one_line(self.failure)}")
             if self.stopping.is_set():
                 raise ServerBusyError("the server is stopping")
             if self._admitted >= self.max_batch + self.queue:
@@ -194,6 +200,24 @@ class _Lane:
         self.batchable = True  # until a prefill's cache says otherwise (sliding-window layers: one at a time)
 
     def loop(self) -> None:
+        """Decode until the server stops; a bug that escapes ends every generation with its error (none hangs)
+        and the scheduler refuses new ones."""
+        try:
+            self._serve()
+        except Exception as exc:  # noqa: BLE001 - told to every client, in one line
+            self.owner.failure = exc
+            for row in self.rows:  # done rows that are still here have not ended yet
+                if not row.done:
+                    row.job.put("error", exc)
+                self.owner._end(row.job)
+            self.rows, self.batch = [], BatchCache()
+            with self.owner._cond:
+                waiting, self.owner._waiting = list(self.owner._waiting), collections.deque()
+            for job in waiting:
+                job.put("error", exc)
+                self.owner._end(job)
+
+    def _serve(self) -> None:
         owner = self.owner
         while True:
             with owner._cond:
@@ -222,7 +246,10 @@ class _Lane:
         """Rows that are done, or that ``cut(row)`` ends (their last chunk says ``reason``), leave the batch."""
         for row in self.rows:
             if not row.done and cut(row):
-                row.job.put("chunk", row.decoding.cut(reason))
+                try:
+                    row.job.put("chunk", row.decoding.cut(reason))
+                except Exception as exc:  # noqa: BLE001 - the text held back does not decode: this row's error
+                    row.job.put("error", exc)
                 row.done = True
         kept = [i for i, row in enumerate(self.rows) if not row.done]
         if len(kept) < len(self.rows):
@@ -281,7 +308,12 @@ class _Lane:
             self._leave(lambda row: False, "length")
             return
         for i, row in enumerate(self.rows):
-            row.token, chunk = row.decoding.step(out.logits[i, -1])
+            try:
+                row.token, chunk = row.decoding.step(out.logits[i, -1])
+            except Exception as exc:  # noqa: BLE001 - this row's token or text (its tokenizer): it alone ends
+                row.job.put("error", exc)
+                row.done = True
+                continue
             if chunk is not None:
                 row.job.put("chunk", chunk)
                 row.done = chunk.finish_reason is not None
