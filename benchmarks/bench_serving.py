@@ -305,8 +305,21 @@ def _stream_chat(client: Any, url: str, prompt: str, max_tokens: int) -> tuple[f
     return first, tokens, finish
 
 
+#: run the load generator of the batching part in its own process (``--clients-in-process`` turns it off): its
+#: client threads then do not hold the server's GIL, as with real clients on other machines or processes
+CLIENT_PROCESS = True
+
+
 def _burst(url: str, clients: int, max_tokens: int) -> dict[str, Any]:
     """``clients`` answers at once: aggregate tokens/s over the wall time, time to first token."""
+    if CLIENT_PROCESS:
+        done = subprocess.run([sys.executable, __file__, "--burst", url, str(clients), str(max_tokens)],
+                              capture_output=True, text=True, timeout=1800, check=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    return _burst_here(url, clients, max_tokens)
+
+
+def _burst_here(url: str, clients: int, max_tokens: int) -> dict[str, Any]:
     import httpx
 
     out: list[tuple[float | None, int, str | None]] = []
@@ -429,6 +442,9 @@ def _print(results: dict[str, Any]) -> None:
 
 
 def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "--burst":  # the load generator's own process (see _burst)
+        print(json.dumps(_burst_here(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--load-seconds", type=float, default=10.0, help="duration of the load test (issue: 60)")
     parser.add_argument("--clients", type=int, default=8)
@@ -441,9 +457,13 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=128, help="new tokens per answer in the batching part")
     parser.add_argument("--change-seconds", type=float, default=30.0, help="changes under load, per path")
     parser.add_argument("--change-clients", type=int, default=8)
+    parser.add_argument("--clients-in-process", action="store_true",
+                        help="batching: run the clients as threads of this process (they then share its GIL)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global CLIENT_PROCESS
+    CLIENT_PROCESS = not args.clients_in_process
 
     from lorablocks.compose.operations import combine_files
     from lorablocks.model.session import ComposedModel
