@@ -55,12 +55,16 @@ def test_combine_regmean_uses_stored_statistics_and_differs_from_sum_and_base(bl
     llama = str(tiny_model_dirs["llama"])
     scores = {}
     for name, extra in (("base", []), ("sum", ["--adapter", a, "--adapter", b]),
-                        ("regmean", ["--adapter", a, "--adapter", b, "--method", "regmean"])):
+                        ("regmean", ["--adapter", a, "--adapter", b, "--method", "regmean"]),
+                        ("regmean-alpha", ["--adapter", a, "--adapter", b, "--method", "regmean", "--alpha", "0.2"])):
         out = tmp_path / f"{name}.json"
         assert run_app(["eval", "--model", llama, "--data", str(domains["math"]), "--limit", "4", "--json", str(out),
                         "--precision", "fp32", *extra]) == 0
         scores[name] = json.loads(out.read_text())["joint"]["perplexity"]
-    assert len({round(v, 6) for v in scores.values()}) == 3, scores
+    assert len({round(v, 6) for v in scores.values()}) == 4, scores  # --alpha reaches eval's regmean
+    # a parameter the method does not take: one line, exit 2
+    assert run_app(["eval", "--model", llama, "--data", str(domains["math"]), "--limit", "4", "--adapter", a,
+                    "--adapter", b, "--alpha", "0.5"]) == 2
 
 
 def test_regmean_of_one_block_with_statistics_is_the_block(blocks):

@@ -9,7 +9,8 @@ import typer
 from rich.table import Table
 
 from lorablocks.cli.app import app, console
-from lorablocks.cli.options import MethodOpt, WeightsOpt, parse_weights
+from lorablocks.cli.options import (AlphaOpt, DensityOpt, MajorityOpt, MethodOpt, SpaceOpt, WeightsOpt, method_params,
+                                    parse_weights)
 from lorablocks.errors import LoraBlocksError
 
 _MULTI = {"allow_extra_args": True}
@@ -32,6 +33,10 @@ def eval_cmd(
     adapter: Annotated[Optional[list[Path]], typer.Option("--adapter", help="Adapter folder(s) merged into the weights (their composition).")] = None,
     weights: WeightsOpt = None,
     method: MethodOpt = "sum",
+    density: DensityOpt = None,
+    space: SpaceOpt = None,
+    majority_sign: MajorityOpt = None,
+    alpha: AlphaOpt = None,
     split: Annotated[str, typer.Option("--split", help="train, validation or test.")] = "test",
     limit: Annotated[Optional[int], typer.Option("--limit", help="First N examples per domain.")] = None,
     max_length: Annotated[int, typer.Option("--max-length", help="Max tokens per example; longer ones are truncated and counted.")] = 512,
@@ -56,6 +61,7 @@ def eval_cmd(
         check_output_free(json_out, force, kind="file", inputs=inputs)
     request = EvalRequest(
         domains=list(data or []) + more_domains, model=model, adapters=adapters, method=method,
+        params=method_params(density=density, space=space, majority_sign=majority_sign, alpha=alpha),
         weights=parse_weights(weights, len(adapters)) if adapters else (None if weights is None else []),
         split=split, limit=limit, max_length=max_length, batch_tokens=batch_tokens,
         allow_base_mismatch=allow_base_mismatch, cache_dir=cache_dir, precision=precision)

@@ -59,6 +59,7 @@ def generate_cmd(
     density: DensityOpt = None,
     space: SpaceOpt = None,
     majority_sign: MajorityOpt = None,
+    alpha: AlphaOpt = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to generate.")] = 256,
     temperature: Annotated[float, typer.Option("--temperature", help="0: greedy and deterministic; > 0: sampling.")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling: keep the smallest set of tokens of this total probability.")] = 1.0,
@@ -76,7 +77,8 @@ def generate_cmd(
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     mode = _prompt_mode(raw, template)
     composed = open_composed(model, adapters, parse_weights(weights, len(adapters)), method=method,
-                             params=method_params(density=density, space=space, majority_sign=majority_sign),
+                             params=method_params(density=density, space=space, majority_sign=majority_sign,
+                                                  alpha=alpha),
                              allow_base_mismatch=allow_base_mismatch, cache_dir=cache_dir)
     ids = encode_prompt(composed.tokenizer, prompt, mode)  # type: ignore[arg-type]
     check_length(composed.model, len(ids), params.max_new_tokens)
