@@ -299,3 +299,20 @@ def test_a_decoding_thread_that_fails_ends_every_request_and_refuses_new_ones(ti
         assert scheduler._admitted == 0
     finally:
         scheduler.shutdown()
+
+
+def test_a_whole_answer_whose_client_goes_away_leaves_the_batch(tiny_live):
+    server, scheduler = start_server(tiny_live, max_batch=2, queue=2, max_tokens_limit=400)
+    scheduler._eos.clear()  # no early EOS: the answer runs to its 400 tokens unless it is cancelled
+    slow = tiny_live.composed.model.register_forward_hook(lambda *args: time.sleep(0.01))  # >= 4 s for 400 tokens
+    try:
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 400, "temperature": 0}
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(server.url + "/v1/completions", json=body, timeout=0.3)  # the client gives up
+        deadline = time.monotonic() + 2
+        while scheduler._admitted and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert scheduler._admitted == 0  # its row left: it did not decode the 400 tokens for nobody
+    finally:
+        slow.remove()
+        server.stop()

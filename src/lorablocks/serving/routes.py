@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -183,8 +183,18 @@ def _fit_context(live: LiveModel, prompt_tokens: int, params: SamplingParams, gi
     return params
 
 
+async def _cancel_on_disconnect(request: Request, job: _Job) -> None:
+    """Cancel ``job`` once its client is gone (a whole answer sends nothing before its end, so nothing else
+    would notice: the generation would keep its place in the batch to its last token)."""
+    while not job.cancelled.is_set():
+        if await request.is_disconnected():
+            job.cancelled.set()
+            return
+        await asyncio.sleep(0.05)
+
+
 async def _respond(live: LiveModel, runner: Engine, settings: AppSettings, ids: list[int],
-                   params: SamplingParams, req: Any, chat: bool) -> Any:
+                   params: SamplingParams, req: Any, chat: bool, request: Request) -> Any:
     job, fingerprint = await _start(live, runner, ids, params)
     render = _Render(chat, new_id("chatcmpl" if chat else "cmpl"), settings.model_name, fingerprint)
     headers = {FINGERPRINT_HEADER: fingerprint}
@@ -194,12 +204,14 @@ async def _respond(live: LiveModel, runner: Engine, settings: AppSettings, ids: 
                                  media_type="text/event-stream",
                                  headers={**headers, "Cache-Control": "no-cache"})
     parts, finish, tokens = [], "length", 0
+    watch = asyncio.create_task(_cancel_on_disconnect(request, job))
     try:
         async for chunk in job.chunks():
             parts.append(chunk.text)
             finish, tokens = chunk.finish_reason or finish, chunk.tokens or tokens
     finally:
         job.cancelled.set()
+        watch.cancel()
     return JSONResponse(render.whole("".join(parts), finish, len(ids), tokens), headers=headers)
 
 
@@ -224,22 +236,22 @@ def add_routes(app: FastAPI, live: LiveModel, runner: Engine, settings: AppSetti
                                             "owned_by": "lorablocks"}]}
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest) -> Any:
+    async def completions(req: CompletionRequest, request: Request) -> Any:
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if len(prompts) != 1:
             raise RequestError(f"send one prompt per request, got {len(prompts)}", setting="prompt")
         params = sampling_params(req, req.max_tokens, settings.default_max_tokens, settings.max_tokens_limit)
         ids = await run_in_threadpool(encode_prompt, tokenizer, prompts[0], "raw")  # off the event loop
         params = _fit_context(live, len(ids), params, req.max_tokens, "prompt")
-        return await _respond(live, runner, settings, ids, params, req, chat=False)
+        return await _respond(live, runner, settings, ids, params, req, chat=False, request=request)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest) -> Any:
+    async def chat_completions(req: ChatRequest, request: Request) -> Any:
         given = req.requested_max_tokens()
         params = sampling_params(req, given, settings.max_tokens_limit, settings.max_tokens_limit)
         ids = await run_in_threadpool(encode_chat, tokenizer, req.template_messages())  # off the event loop
         params = _fit_context(live, len(ids), params, given, "messages")
-        return await _respond(live, runner, settings, ids, params, req, chat=True)
+        return await _respond(live, runner, settings, ids, params, req, chat=True, request=request)
 
     @app.get("/v1/blocks")
     def get_blocks() -> JSONResponse:
