@@ -316,3 +316,24 @@ def test_a_whole_answer_whose_client_goes_away_leaves_the_batch(tiny_live):
     finally:
         slow.remove()
         server.stop()
+
+
+def test_health_reports_a_failed_scheduler(tiny_live):
+    server, scheduler = start_server(tiny_live, max_batch=2, queue=2)
+    try:
+        assert httpx.get(server.url + "/health").status_code == 200
+
+        def broken(rows: list[int]) -> None:
+            raise RuntimeError("a bug in the batch")
+
+        scheduler._lanes[0].batch.keep = broken
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 3, "temperature": 0}
+        httpx.post(server.url + "/v1/completions", json=body, timeout=30)  # its row leaving breaks the thread
+        deadline = time.monotonic() + 10
+        while scheduler.failure is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        health = httpx.get(server.url + "/health")
+        assert health.status_code == 500 and health.json()["status"] == "failed"
+        assert "a bug in the batch" in health.json()["error"]
+    finally:
+        server.stop()

@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from lorablocks.errors import one_line
 from lorablocks.serving.api import (ChatRequest, CompletionRequest, PostBlock, PutBlocks, chat_object,
                                     completion_object, new_id, sampling_params, usage)
 from lorablocks.serving.errors import RequestError, ServerBusyError, describe
@@ -227,7 +228,11 @@ def add_routes(app: FastAPI, live: LiveModel, runner: Engine, settings: AppSetti
     tokenizer, started = live.composed.tokenizer, int(time.time())
 
     @app.get("/health")
-    def health() -> dict[str, Any]:
+    def health() -> Any:
+        failure = getattr(runner, "failure", None)  # the scheduler's decoding stopped: this server cannot answer
+        if failure is not None:
+            return JSONResponse({"status": "failed", "error": one_line(failure), "fingerprint": live.fingerprint},
+                                status_code=500)
         return {"status": "ok", "fingerprint": live.fingerprint}
 
     @app.get("/v1/models")
