@@ -162,8 +162,9 @@ def _site_of(key: str, value: Any, where: Path) -> StatsSite:
     return site
 
 
-def open_statistics(path: str | os.PathLike) -> BlockStatistics:
-    """Open a statistics file (header and metadata only) and validate what it says."""
+def open_statistics(path: str | os.PathLike, *, digest: bool = True) -> BlockStatistics:
+    """Open a statistics file (header and metadata only) and validate what it says; its SHA-256 is computed in
+    the background (``digest`` False: not at all, for a file only checked)."""
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as fh:
@@ -188,7 +189,7 @@ def open_statistics(path: str | os.PathLike) -> BlockStatistics:
             if shapes.get(name) != shape:
                 raise AdapterFormatError(f"{path}: tensor {name} is {shapes.get(name)}, its site says {shape}")
     return BlockStatistics(sites=sites, base_model=info.get("base_model"), data=info.get("data") or {}, path=path,
-                           format=info["format"], digest=PendingDigest(path))
+                           format=info["format"], digest=PendingDigest(path) if digest else None)
 
 
 def statistics_beside(folder: str | os.PathLike) -> BlockStatistics | None:
@@ -199,7 +200,7 @@ def statistics_beside(folder: str | os.PathLike) -> BlockStatistics | None:
 
 def _is_ours(path: Path) -> bool:
     try:
-        open_statistics(path)
+        open_statistics(path, digest=False)
         return True
     except AdapterFormatError:
         return False
