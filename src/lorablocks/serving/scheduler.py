@@ -189,6 +189,15 @@ class Scheduler:
         with self._cond:
             self._admitted -= 1
 
+    def _end_waiting(self, error: Exception | None = None) -> None:
+        """End every job still waiting (told ``error`` first, if any), without starting it."""
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for job in waiting:
+            if error is not None:
+                job.put("error", error)
+            self._end(job)
+
 
 class _Lane:
     """One decoding thread and its batch: rows join and leave between its steps."""
@@ -211,11 +220,7 @@ class _Lane:
                     row.job.put("error", exc)
                 self.owner._end(row.job)
             self.rows, self.batch = [], BatchCache()
-            with self.owner._cond:
-                waiting, self.owner._waiting = list(self.owner._waiting), collections.deque()
-            for job in waiting:
-                job.put("error", exc)
-                self.owner._end(job)
+            self.owner._end_waiting(exc)
 
     def _serve(self) -> None:
         owner = self.owner
@@ -237,10 +242,7 @@ class _Lane:
 
     def _stop_all(self) -> None:
         self._leave(lambda row: True, "length")
-        with self.owner._cond:
-            waiting, self.owner._waiting = list(self.owner._waiting), collections.deque()
-        for job in waiting:
-            self.owner._end(job)
+        self.owner._end_waiting()
 
     def _leave(self, cut: Any, reason: str) -> None:
         """Rows that are done, or that ``cut(row)`` ends (their last chunk says ``reason``), leave the batch."""
