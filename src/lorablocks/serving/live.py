@@ -235,6 +235,8 @@ class Runner:
         self._admitted = 0
         self._lock = threading.Lock()
         self.stopping = threading.Event()
+        #: what stopped the engine (never set here: each generation's error is its own; see Scheduler.failure)
+        self.failure: Exception | None = None
 
     def submit(self, job: Callable[[], None]) -> Future:
         """Queue ``job``; :class:`ServerBusyError` when ``workers + queue`` jobs are already in."""

@@ -33,7 +33,7 @@ __all__ = ["FINGERPRINT_HEADER", "AppSettings", "add_routes"]
 
 FINGERPRINT_HEADER = "X-Lorablocks-Fingerprint"
 
-#: what runs generations: ``start(job)``, ``stopping``, ``shutdown()``
+#: what runs generations: ``start(job)``, ``stopping``, ``failure``, ``shutdown()``
 Engine = Union[Scheduler, Runner]
 
 
@@ -229,7 +229,7 @@ def add_routes(app: FastAPI, live: LiveModel, runner: Engine, settings: AppSetti
 
     @app.get("/health")
     def health() -> Any:
-        failure = getattr(runner, "failure", None)  # the scheduler's decoding stopped: this server cannot answer
+        failure = runner.failure  # the engine stopped (the scheduler's decoding thread): this server cannot answer
         if failure is not None:
             return JSONResponse({"status": "failed", "error": one_line(failure), "fingerprint": live.fingerprint},
                                 status_code=500)
