@@ -4,8 +4,9 @@ One Gram per distinct input site (modules fed the same tensor, e.g. ``q/k/v_proj
 share one, keyed by the first of them), each the token *mean* of ``x x^T`` over the block's domain
 examples (prompt and answer tokens, padding masked). Inputs up to :data:`DENSE_MAX` wide are stored exactly
 (float32, the packed upper triangle ``<site>.triu``, row by row: a Gram is symmetric, so half the bytes
-to store, read and hash; format 1 files with the whole ``<site>.gram`` are still read); wider ones as a sketch: the top :data:`SKETCH_RANK` eigenpairs (``<site>.U``,
-``<site>.S``) plus the exact diagonal (``<site>.diag``). The safetensors metadata holds one JSON object
+to store, read and hash; format 1 files with the whole ``<site>.gram`` are still read); wider ones as a
+sketch: the top :data:`SKETCH_RANK` eigenpairs (``<site>.U``, ``<site>.S``) plus the exact diagonal
+(``<site>.diag``). The safetensors metadata holds one JSON object
 (``lorablocks``): format, base model, per site its modules, width, token count and kind, and which data
 (split, examples, tokens) the statistics came from. Nothing is ever unpickled: safetensors + JSON only.
 
@@ -32,8 +33,8 @@ from lorablocks.errors import (AdapterFormatError, BaseModelMismatchError, LoraB
 from lorablocks.files.outputs import atomic_file, one_line
 from lorablocks.files.records import PendingDigest
 
-__all__ = ["STATS_NAME", "FORMAT", "READABLE", "pack_triu", "unpack_triu", "DENSE_MAX", "SKETCH_RANK", "StatsSite", "BlockStatistics", "open_statistics",
-           "statistics_beside", "write_statistics"]
+__all__ = ["STATS_NAME", "FORMAT", "READABLE", "pack_triu", "unpack_triu", "DENSE_MAX", "SKETCH_RANK", "StatsSite",
+           "BlockStatistics", "open_statistics", "statistics_beside", "write_statistics"]
 
 STATS_NAME = "lorablocks_stats.safetensors"
 FORMAT = "lorablocks-stats/2"
