@@ -23,7 +23,8 @@ paper's shape (rank 4 on q,k,v,o,down_proj, random non-zero factors, ``|dW| ~ 5 
    behind its own server on the same model (and the scheduler with 2 lanes: two decoding threads, one batch
    each, as many forwards at once as cores here), alternating: 1, 4, 8 and 16 clients each stream one chat answer
    of ``--batch-tokens`` (default 128; the two prompts run past it without EOS) at once: aggregate tokens/s
-   (all tokens over the wall time) and time to first token (p50, max). Floors: >= 3x today's at 8 clients,
+   (all tokens over the wall time) and time to first token (p50, max), the clients in a process of their own
+   (``--clients-in-process``: threads of this one). Floors: >= 3x today's at 8 clients,
    1 client not lower. Then a composition change every 0.5 s for ``--change-seconds`` while
    ``--change-clients`` clients stream: the change's HTTP latency p50/p99 on each path (and how many answers
    a change cut: ``finish_reason`` ``composition_changed``, batched only).
@@ -305,14 +306,11 @@ def _stream_chat(client: Any, url: str, prompt: str, max_tokens: int) -> tuple[f
     return first, tokens, finish
 
 
-#: run the load generator of the batching part in its own process (``--clients-in-process`` turns it off): its
-#: client threads then do not hold the server's GIL, as with real clients on other machines or processes
-CLIENT_PROCESS = True
-
-
-def _burst(url: str, clients: int, max_tokens: int) -> dict[str, Any]:
-    """``clients`` answers at once: aggregate tokens/s over the wall time, time to first token."""
-    if CLIENT_PROCESS:
+def _burst(url: str, clients: int, max_tokens: int, own_process: bool = True) -> dict[str, Any]:
+    """``clients`` answers at once: aggregate tokens/s over the wall time, time to first token. The clients run
+    in a process of their own (``own_process``), so that they do not hold the server's GIL, as real clients on
+    other machines or processes do not."""
+    if own_process:
         done = subprocess.run([sys.executable, __file__, "--burst", url, str(clients), str(max_tokens)],
                               capture_output=True, text=True, timeout=1800, check=True)
         return json.loads(done.stdout.strip().splitlines()[-1])
@@ -320,6 +318,7 @@ def _burst(url: str, clients: int, max_tokens: int) -> dict[str, Any]:
 
 
 def _burst_here(url: str, clients: int, max_tokens: int) -> dict[str, Any]:
+    """:func:`_burst`'s clients as threads of this process."""
     import httpx
 
     out: list[tuple[float | None, int, str | None]] = []
@@ -376,7 +375,7 @@ def _changes_under_load(live: Any, url: str, clients: int, seconds: float, max_t
 
 
 def bench_batching(live: Any, urls: dict[str, str], counts: list[int], max_tokens: int, change_seconds: float,
-                   change_clients: int) -> dict[str, Any]:
+                   change_clients: int, own_process: bool = True) -> dict[str, Any]:
     import httpx
 
     live.set_active([("a", 1.0), ("b", 1.0)])
@@ -386,7 +385,7 @@ def bench_batching(live: Any, urls: dict[str, str], counts: list[int], max_token
     table: dict[str, dict[int, Any]] = {engine: {} for engine in urls}
     for n in counts:
         for engine, url in urls.items():
-            table[engine][n] = _burst(url, n, max_tokens)
+            table[engine][n] = _burst(url, n, max_tokens, own_process)
     changes = {engine: _changes_under_load(live, url, change_clients, change_seconds, max_tokens)
                for engine, url in urls.items()}
     ratios = {engine: {n: table[engine][n]["tokens_per_s"] / table["today"][n]["tokens_per_s"] for n in counts}
@@ -462,8 +461,6 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    global CLIENT_PROCESS
-    CLIENT_PROCESS = not args.clients_in_process
 
     from lorablocks.compose.operations import combine_files
     from lorablocks.model.session import ComposedModel
@@ -497,7 +494,8 @@ def main() -> None:
                 results["batching"] = bench_batching(live, {"today": server.url, "batched": batched.url,
                                                                 "batched, 2 lanes": laned.url},
                                                      [int(n) for n in args.batch_clients.split(",")], args.batch_tokens,
-                                                     args.change_seconds, args.change_clients)
+                                                     args.change_seconds, args.change_clients,
+                                                     own_process=not args.clients_in_process)
         finally:
             for s in (server, batched, laned):
                 s.stop()
