@@ -113,6 +113,7 @@ def serve_cmd(
     max_batch: Annotated[int, typer.Option("--max-batch", help="Generations decoded together, one step at a time (continuous batching; a change of composition cuts the running ones, finish_reason composition_changed). 0: a thread per generation (--workers), changes wait for them.")] = 16,
     workers: Annotated[int, typer.Option("--workers", help="With --max-batch 0: generations run at once, each on its own thread.")] = 4,
     queue: Annotated[int, typer.Option("--queue", help="Generations that may wait beyond those (more: 503).")] = 32,
+    max_compositions: Annotated[int, typer.Option("--max-compositions", help="Compositions requests may name in their model field ('math+medicine:0.5'), served unmerged from the blocks' factors beside the merged default, held at once (all in use: 503). 0: off. Needs --max-batch > 0.")] = 4,
     threads: Annotated[Optional[int], typer.Option("--threads", help="torch threads per generation (default: torch's; 1 suits several generations on few cores).")] = None,
     cache_dir: CacheOpt = None,
 ) -> None:
@@ -127,9 +128,9 @@ def serve_cmd(
 
     if not 0 <= port <= 65535:
         raise LoraBlocksError(f"--port must be in 0..65535, got {port}")
-    if min(max_tokens_limit, workers) < 1 or queue < 0 or max_batch < 0 or (threads is not None and threads < 1):
-        raise LoraBlocksError("--max-tokens-limit, --workers and --threads must be positive, --queue and "
-                              "--max-batch not negative")
+    if min(max_tokens_limit, workers) < 1 or min(queue, max_batch, max_compositions) < 0 or (threads is not None and threads < 1):
+        raise LoraBlocksError("--max-tokens-limit, --workers and --threads must be positive, --queue, "
+                              "--max-batch and --max-compositions not negative")
     if threads is not None:
         import torch
 
@@ -138,6 +139,7 @@ def serve_cmd(
                              admin_key=admin_key, allowed_hosts=tuple(allowed_host or ()),
                              max_body_bytes=max_body_bytes, max_tokens_limit=max_tokens_limit,
                              active=parse_active(active), max_batch=max_batch, workers=workers, queue=queue,
+                             max_compositions=max_compositions,
                              cache_dir=str(cache_dir) if cache_dir else None, method=method,
                              params=method_params(density=density, space=space, majority_sign=majority_sign,
                                                   alpha=alpha))

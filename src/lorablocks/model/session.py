@@ -67,6 +67,11 @@ class ComposedModel:
         return cls(model, tokenizer, model_id(spec))
 
     @property
+    def delta(self) -> Mapping[str, LowRank]:
+        """The active composition's delta (empty: the base model); a new mapping after every change."""
+        return self._delta
+
+    @property
     def fingerprint(self) -> str | None:
         """The active recipe's fingerprint with this base model's identity in it (``None``: the base model)."""
         return self.recipe.fingerprint(base=self.model_id) if self.recipe is not None else None

@@ -8,7 +8,7 @@ from typing import Any
 from lorablocks.errors import (AdapterFormatError, CompositionError, ConfigError, LoraBlocksError, NonFiniteError,
                                ShapeMismatchError, UnsupportedAdapterError, one_line)
 
-__all__ = ["BlockNameError", "UnknownBlockError", "RequestError", "ServerBusyError", "AuthError", "error_status",
+__all__ = ["BlockNameError", "UnknownBlockError", "ModelNotFoundError", "RequestError", "ServerBusyError", "AuthError", "error_status",
            "error_body", "describe", "printable"]
 
 
@@ -18,6 +18,10 @@ class BlockNameError(LoraBlocksError):
 
 class UnknownBlockError(LoraBlocksError):
     """No adapter of that name in the blocks folder (or, when removing, no active block of that name)."""
+
+
+class ModelNotFoundError(LoraBlocksError):
+    """A request's ``model`` is neither the server's model nor a composition of its blocks."""
 
 
 class RequestError(LoraBlocksError):
@@ -38,6 +42,7 @@ _STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (BlockNameError, 400),
     (RequestError, 400),
     (UnknownBlockError, 404),
+    (ModelNotFoundError, 404),
     (ServerBusyError, 503),
     (AdapterFormatError, 422),  # a block that is corrupt or not an adapter
     (UnsupportedAdapterError, 422),

@@ -28,6 +28,7 @@ from lorablocks.serving.generation import (Chunk, SamplingParams, check_length, 
 from lorablocks.serving.guard import Access, log_error
 from lorablocks.serving.live import ChangeReport, LiveModel, Runner
 from lorablocks.serving.scheduler import Scheduler
+from lorablocks.serving.unmerged import RequestCompositions, RowComposition
 
 __all__ = ["FINGERPRINT_HEADER", "AppSettings", "add_routes"]
 
@@ -48,6 +49,9 @@ class AppSettings:
     #: ``max_tokens`` of a completion that gives none (OpenAI's default is 16); chat: the limit. Either is
     #: cut to what the context leaves after the prompt (an explicit ``max_tokens`` that does not fit is refused)
     default_max_tokens: int = 16
+    #: per-request compositions (``"model": "math+medicine:0.5"``) held at once; 0: off (the thread-per-generation
+    #: engine has none)
+    max_compositions: int = 4
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -57,13 +61,23 @@ class _Job:
     """One generation on the engine (its own worker thread, or the scheduler's batch), handing its events to the
     request's event loop."""
 
-    def __init__(self, live: LiveModel, runner: Engine, ids: list[int], params: SamplingParams) -> None:
+    def __init__(self, live: LiveModel, runner: Engine, ids: list[int], params: SamplingParams,
+                 composition: Optional[RowComposition] = None, release: Any = None) -> None:
         self.live, self.runner, self.ids, self.params = live, runner, ids, params
+        self.composition, self._release = composition, release
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.cancelled = threading.Event()
 
+    def release(self) -> None:
+        """Let go of the per-request composition (once; the engine ended the job or never took it)."""
+        release, self._release = self._release, None
+        if release is not None:
+            release(self.composition)
+
     def put(self, kind: str, value: Any = None) -> None:
+        if kind == "end":
+            self.release()
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
         except RuntimeError:  # the loop is gone: nobody listens any more
@@ -88,7 +102,11 @@ class _Job:
 
     async def start(self) -> str:
         """Queue the job and wait until it runs; its composition's fingerprint."""
-        self.runner.start(self)
+        try:
+            self.runner.start(self)
+        except BaseException:  # the engine never took it: nothing will end it
+            self.release()
+            raise
         kind, value = await self.events.get()
         if kind == "error":
             raise value
@@ -106,8 +124,11 @@ class _Job:
             yield value
 
 
-async def _start(live: LiveModel, runner: Engine, ids: list[int], params: SamplingParams) -> tuple[_Job, str]:
-    job = _Job(live, runner, ids, params)
+async def _start(live: LiveModel, runner: Engine, ids: list[int], params: SamplingParams,
+                 compositions: RequestCompositions, spec: Optional[str]) -> tuple[_Job, str]:
+    """Queue a generation on the default composition (``spec`` None) or on the composition ``spec`` names."""
+    composition = None if spec is None else await run_in_threadpool(compositions.acquire, spec)
+    job = _Job(live, runner, ids, params, composition, compositions.release)
     try:
         return job, await job.start()
     except BaseException:
@@ -194,10 +215,11 @@ async def _cancel_on_disconnect(request: Request, job: _Job) -> None:
         await asyncio.sleep(0.05)
 
 
-async def _respond(live: LiveModel, runner: Engine, settings: AppSettings, ids: list[int],
-                   params: SamplingParams, req: Any, chat: bool, request: Request) -> Any:
-    job, fingerprint = await _start(live, runner, ids, params)
-    render = _Render(chat, new_id("chatcmpl" if chat else "cmpl"), settings.model_name, fingerprint)
+async def _respond(live: LiveModel, runner: Engine, settings: AppSettings, compositions: RequestCompositions,
+                   ids: list[int], params: SamplingParams, req: Any, chat: bool, request: Request) -> Any:
+    spec = None if req.model in (None, "", settings.model_name) else req.model
+    job, fingerprint = await _start(live, runner, ids, params, compositions, spec)
+    render = _Render(chat, new_id("chatcmpl" if chat else "cmpl"), spec or settings.model_name, fingerprint)
     headers = {FINGERPRINT_HEADER: fingerprint}
     if req.stream:
         path = "/v1/chat/completions" if chat else "/v1/completions"
@@ -226,6 +248,7 @@ def _changed(report: ChangeReport) -> JSONResponse:
 def add_routes(app: FastAPI, live: LiveModel, runner: Engine, settings: AppSettings) -> None:
     """Register every endpoint on ``app``."""
     tokenizer, started = live.composed.tokenizer, int(time.time())
+    compositions = RequestCompositions(live, getattr(runner, "row_hooks", None), settings.max_compositions)
 
     @app.get("/health")
     def health() -> Any:
@@ -237,8 +260,13 @@ def add_routes(app: FastAPI, live: LiveModel, runner: Engine, settings: AppSetti
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": started,
-                                            "owned_by": "lorablocks"}]}
+        """The server's model (its default composition) and, where requests may name compositions, each block
+        (a composition of one; vLLM lists its LoRA adapters the same way, with ``parent``)."""
+        blocks = live.library.names() if compositions.limit else []
+        return {"object": "list", "data": [
+            {"id": settings.model_name, "object": "model", "created": started, "owned_by": "lorablocks"},
+            *({"id": n, "object": "model", "created": started, "owned_by": "lorablocks",
+               "parent": settings.model_name} for n in blocks)]}
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Any:
@@ -248,7 +276,7 @@ def add_routes(app: FastAPI, live: LiveModel, runner: Engine, settings: AppSetti
         params = sampling_params(req, req.max_tokens, settings.default_max_tokens, settings.max_tokens_limit)
         ids = await run_in_threadpool(encode_prompt, tokenizer, prompts[0], "raw")  # off the event loop
         params = _fit_context(live, len(ids), params, req.max_tokens, "prompt")
-        return await _respond(live, runner, settings, ids, params, req, chat=False, request=request)
+        return await _respond(live, runner, settings, compositions, ids, params, req, chat=False, request=request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request) -> Any:
@@ -256,7 +284,7 @@ def add_routes(app: FastAPI, live: LiveModel, runner: Engine, settings: AppSetti
         params = sampling_params(req, given, settings.max_tokens_limit, settings.max_tokens_limit)
         ids = await run_in_threadpool(encode_chat, tokenizer, req.template_messages())  # off the event loop
         params = _fit_context(live, len(ids), params, given, "messages")
-        return await _respond(live, runner, settings, ids, params, req, chat=True, request=request)
+        return await _respond(live, runner, settings, compositions, ids, params, req, chat=True, request=request)
 
     @app.get("/v1/blocks")
     def get_blocks() -> JSONResponse:

@@ -29,6 +29,7 @@ from lorablocks.errors import one_line
 from lorablocks.serving.errors import ServerBusyError
 from lorablocks.serving.generation import Decoding, SamplingParams, cache_argument, cache_of, eos_token_ids
 from lorablocks.serving.live import LiveModel
+from lorablocks.serving.unmerged import RowHooks
 
 __all__ = ["CUT_BY_CHANGE", "Job", "BatchCache", "Scheduler"]
 
@@ -43,6 +44,8 @@ class Job(Protocol):
     ids: list[int]
     params: SamplingParams
     cancelled: threading.Event
+    #: a per-request composition (:class:`~lorablocks.serving.unmerged.RowComposition`) or ``None``: the default
+    composition: Any
 
     def put(self, kind: str, value: Any = None) -> None: ...
 
@@ -123,6 +126,7 @@ class _Row:
     decoding: Decoding
     token: int
     fingerprint: str
+    composition: Any = None
     done: bool = field(default=False)
 
 
@@ -148,6 +152,8 @@ class Scheduler:
         model = live.composed.model
         self._eos = eos_token_ids(model, live.composed.tokenizer)
         self._cache_arg, self._extra = cache_argument(model)
+        #: adds per-request compositions' factors to their rows (:mod:`lorablocks.serving.unmerged`)
+        self.row_hooks = RowHooks(model)
         lanes = max(1, min(lanes, self.max_batch))
         self._lanes = [_Lane(self, -(-self.max_batch // lanes)) for _ in range(lanes)]
         for i, lane in enumerate(self._lanes):
@@ -232,7 +238,7 @@ class _Lane:
                 self._stop_all()
                 return
             with owner.live.reading() as fingerprint:
-                self._leave(lambda row: row.fingerprint != fingerprint, CUT_BY_CHANGE)
+                self._leave(lambda row: row.composition is None and row.fingerprint != fingerprint, CUT_BY_CHANGE)
                 self._leave(lambda row: row.job.cancelled.is_set(), "length")
                 self._admit(fingerprint)
                 if self.rows:
@@ -278,7 +284,12 @@ class _Lane:
         owner, model = self.owner, self.owner.live.composed.model
         decoding = Decoding(owner.live.composed.tokenizer, job.params, owner._eos)
         inputs = torch.tensor([list(job.ids)], device=next(model.parameters()).device)
-        out = model(input_ids=inputs, use_cache=True, **{owner._cache_arg: None}, **owner._extra)
+        composition = getattr(job, "composition", None)
+        groups = [] if composition is None else [(None, composition.factors(owner.live.composed.delta))]
+        with owner.row_hooks.rows(groups):
+            out = model(input_ids=inputs, use_cache=True, **{owner._cache_arg: None}, **owner._extra)
+        if composition is not None:
+            fingerprint = composition.fingerprint
         job.put("start", fingerprint)
         token, chunk = decoding.step(out.logits[0, -1])
         if chunk is not None:
@@ -292,7 +303,7 @@ class _Lane:
             if self.rows:  # never join a cache that cannot be batched
                 raise RuntimeError("this model's KV cache cannot be batched")
         self.batch.join(cache, len(job.ids))
-        self.rows.append(_Row(job, decoding, token, fingerprint))
+        self.rows.append(_Row(job, decoding, token, fingerprint, composition))
 
     @torch.no_grad()
     def _step(self) -> None:
@@ -301,8 +312,9 @@ class _Lane:
         try:
             mask, positions = self.batch.step_inputs()
             tokens = torch.tensor([[row.token] for row in self.rows], device=mask.device)
-            out = owner.live.composed.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
-                                            use_cache=True, **{owner._cache_arg: self.batch.cache}, **owner._extra)
+            with owner.row_hooks.rows(self._groups(mask.device)):
+                out = owner.live.composed.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
+                                                use_cache=True, **{owner._cache_arg: self.batch.cache}, **owner._extra)
         except Exception as exc:  # noqa: BLE001 - every running client is told, in one line
             for row in self.rows:
                 row.job.put("error", exc)
@@ -320,3 +332,14 @@ class _Lane:
                 row.job.put("chunk", chunk)
                 row.done = chunk.finish_reason is not None
         self._leave(lambda row: False, "length")
+
+    def _groups(self, device: torch.device) -> list[tuple[torch.Tensor, Any]]:
+        """The rows of each per-request composition in the batch and its factors against the merged default."""
+        rows: dict[int, list[int]] = {}
+        held: dict[int, Any] = {}
+        for i, row in enumerate(self.rows):
+            if row.composition is not None:
+                rows.setdefault(id(row.composition), []).append(i)
+                held[id(row.composition)] = row.composition
+        default = self.owner.live.composed.delta
+        return [(torch.tensor(r, device=device), held[k].factors(default)) for k, r in rows.items()]

@@ -130,6 +130,8 @@ class ServeSettings:
     max_batch: int = 16
     workers: int = 4
     queue: int = 32
+    #: per-request compositions held at once (``"model": "a+b:0.5"``, served unmerged; needs ``max_batch`` > 0)
+    max_compositions: int = 4
     cache_dir: str | None = None
     method: str = "sum"
     params: Mapping[str, Any] = field(default_factory=dict)
@@ -179,7 +181,8 @@ def serve(settings: ServeSettings, announce: Callable[[str], None] = print) -> N
     runner: Engine = (Scheduler(live, settings.max_batch, settings.queue) if settings.max_batch > 0
                       else Runner(settings.workers, settings.queue))
     app = create_app(live, runner, AppSettings(model_name=_served_name(settings.model), access=settings.access(host),
-                                               max_tokens_limit=settings.max_tokens_limit))
+                                               max_tokens_limit=settings.max_tokens_limit,
+                                               max_compositions=settings.max_compositions))
     _log_to_stderr()
     server = _Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=10), runner)
     shown = f"[{host}]" if ":" in host else host

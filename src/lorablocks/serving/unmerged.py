@@ -1,0 +1,217 @@
+"""Per-request compositions, served unmerged from the blocks' factors beside the merged default.
+
+A request may name its own composition in its ``model`` field (``"math+medicine:0.5"``: blocks of the library,
+``+``-separated, each with an optional ``:WEIGHT``, 1 by default). It is composed by the server's method, like a
+change of the default, but never written into the weights: while the default composition ``D`` stays merged
+(``W = W0 + dW_D``), every linear module adds, for the rows of the batch that run composition ``C``,
+
+    y += x (dW_C - dW_D)^T = (x [A_C; A_D]^T) [B_C, -B_D]^T
+
+from the factors (rank ``r_C + r_D``, never a dense ``out x in``), so those rows run on ``W0 + dW_C`` up to float
+round-off, whatever the default is and however it changes while they run (they are never cut by a change).
+Their fingerprint is the one the same composition reports when it is made the default (the same recipe).
+
+At most ``limit`` distinct compositions are held (each costs its factors' memory and, per decoding step, two
+small matmuls per module); one no running request uses is dropped for a new one, and when every held one is in
+use a request naming another gets :class:`~lorablocks.serving.errors.ServerBusyError` (503, Retry-After).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import math
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorablocks.core.algebra import LowRank
+from lorablocks.serving.errors import ModelNotFoundError, RequestError, ServerBusyError
+
+__all__ = ["parse_composition", "RowComposition", "RequestCompositions", "RowHooks"]
+
+
+def parse_composition(text: str, known: Callable[[str], bool] = lambda name: False) -> list[tuple[str, float]]:
+    """``"math+medicine:0.5"`` -> ``[("math", 1.0), ("medicine", 0.5)]``; :class:`RequestError` on bad syntax.
+
+    A block whose name holds ``+`` (the study's ``merged-math+medicine``) is read as one name where ``known(name)``
+    says it is a block: at each place the longest run of ``+``-joined parts that names one is taken."""
+    parts, entries, i = text.split("+"), [], 0
+    while i < len(parts):
+        j = next((j for j in range(len(parts), i + 1, -1)  # a weight may only end the run
+                  if not any(":" in p for p in parts[i:j - 1]) and known(_name("+".join(parts[i:j])))), i + 1)
+        entries.append(_entry(text, "+".join(parts[i:j])))
+        i = j
+    return entries
+
+
+def _name(part: str) -> str:
+    return part.rpartition(":")[0].strip() if ":" in part else part.strip()
+
+
+def _entry(text: str, part: str) -> tuple[str, float]:
+    name, weight = _name(part), part.rpartition(":")[2] if ":" in part else None
+    if not name:
+        raise RequestError(f"model {text!r}: an empty block name; write blocks as NAME[:WEIGHT]+NAME[:WEIGHT]",
+                           setting="model")
+    try:
+        w = float(weight) if weight is not None else 1.0
+    except ValueError:
+        raise RequestError(f"model {text!r}: weight {weight!r} of block {name!r} is not a number",
+                           setting="model") from None
+    if not math.isfinite(w):
+        raise RequestError(f"model {text!r}: the weight of block {name!r} must be finite", setting="model")
+    return name, w
+
+
+@dataclass(frozen=True)
+class _Factors:
+    """One module's added delta as pre-transposed factors: ``y += (x @ At) @ Bt``."""
+
+    At: torch.Tensor
+    Bt: torch.Tensor
+
+
+@dataclass(eq=False)
+class RowComposition:
+    """A composition served unmerged: its name in requests, its fingerprint, its delta, and how many running
+    requests use it."""
+
+    spec: str
+    fingerprint: str
+    delta: Mapping[str, LowRank]
+    users: int = 0
+    _against: tuple[Any, dict[str, _Factors]] | None = field(default=None, repr=False)
+
+    def factors(self, default: Mapping[str, LowRank]) -> dict[str, _Factors]:
+        """Per module, the factors of ``delta - default`` (what rows of this composition add to the merged
+        weights ``W0 + default``); kept until the default changes."""
+        cached = self._against
+        if cached is not None and cached[0] is default:
+            return cached[1]
+        out: dict[str, _Factors] = {}
+        for name in {*self.delta, *default}:
+            mine, theirs = self.delta.get(name), default.get(name)
+            As = [x.A for x in (mine, theirs) if x is not None]
+            Bs = [x.B if x is mine else -x.B for x in (mine, theirs) if x is not None]
+            out[name] = _Factors(torch.cat(As).T.contiguous(), torch.cat(Bs, dim=1).T.contiguous())
+        self._against = (default, out)
+        return out
+
+
+class RequestCompositions:
+    """The compositions requests name, at most ``limit`` at once, composed by ``live``'s method on first use."""
+
+    def __init__(self, live: Any, hooks: RowHooks | None, limit: int = 4) -> None:
+        self.live, self.hooks = live, hooks
+        self.limit = max(0, limit) if hooks is not None else 0
+        self._held: collections.OrderedDict[tuple, RowComposition] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def acquire(self, spec: str) -> RowComposition:
+        """The composition ``spec`` names, held for one request until :meth:`release`."""
+        entries = parse_composition(spec, self._known)
+        names = [n for n, _ in entries]
+        if not all(self._known(n) for n in names):
+            raise ModelNotFoundError(
+                f"model {spec!r} is neither this server's model nor a composition of its blocks "
+                f"(NAME[:WEIGHT]+...; available: {', '.join(self.live.library.names()) or 'none'})",
+                setting="model")
+        if self.limit == 0:
+            raise RequestError("per-request compositions are off on this server (serve --max-compositions 0, or "
+                               "--max-batch 0); change the default composition with /v1/blocks", setting="model")
+        key = (tuple(entries), tuple(self.live.library.get(n).file.sha256 for n in names))
+        with self._lock:
+            held = self._held.get(key)
+            if held is not None:
+                held.users += 1
+                self._held.move_to_end(key)
+                return held
+        delta, recipe = self.live.composition(entries, lambda i: "model")  # outside the lock: may take a while
+        fingerprint = recipe.fingerprint(base=self.live.composed.model_id)
+        if not self.hooks.installed:
+            with self.live.lock.write():  # once: no forward runs while the hooks go in
+                self.hooks.install()
+        with self._lock:
+            held = self._held.get(key) or self._make_room(key, RowComposition(spec, fingerprint, delta))
+            held.users += 1
+            return held
+
+    def _known(self, name: str) -> bool:
+        try:
+            self.live.library.path(name)
+        except Exception:  # noqa: BLE001 - a bad or unknown name is simply not a block
+            return False
+        return True
+
+    def _make_room(self, key: tuple, new: RowComposition) -> RowComposition:
+        if len(self._held) >= self.limit:
+            idle = next((k for k, c in self._held.items() if c.users == 0), None)
+            if idle is None:
+                raise ServerBusyError(f"the server holds {self.limit} per-request compositions, all in use; retry "
+                                      "shortly or use one of them")
+            del self._held[idle]
+        self._held[key] = new
+        return new
+
+    def release(self, held: RowComposition) -> None:
+        with self._lock:
+            held.users = max(0, held.users - 1)
+
+    def held(self) -> list[RowComposition]:
+        with self._lock:
+            return list(self._held.values())
+
+
+class RowHooks:
+    """Forward hooks on a model's linear modules that add, per group of batch rows, a composition's factors.
+
+    The decoding thread sets the groups for one forward with :meth:`rows`; outside it (and for a forward with
+    no group) a hook adds nothing. Installed once, on the first use.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._local = threading.local()
+        self.installed = False
+        self._install_lock = threading.Lock()
+
+    def install(self) -> None:
+        """Hook every Linear and Conv1D module (once; call it while no forward runs)."""
+        with self._install_lock:
+            if self.installed:
+                return
+            for name, module in self.model.named_modules():
+                if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+                    module.register_forward_hook(self._hook(name))
+            self.installed = True
+
+    @contextlib.contextmanager
+    def rows(self, groups: Sequence[tuple[torch.Tensor | None, Mapping[str, _Factors]]]) -> Iterator[None]:
+        """During the block, rows ``index`` (``None``: all) of a forward add the factors given for them."""
+        self._local.groups = list(groups)
+        try:
+            yield
+        finally:
+            self._local.groups = None
+
+    def _hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            groups = getattr(self._local, "groups", None)
+            if not groups:
+                return None
+            x = args[0]
+            for index, factors in groups:
+                f = factors.get(name)
+                if f is None:
+                    continue
+                xs = x if index is None else x.index_select(0, index)
+                add = (xs @ f.At.to(xs.dtype)) @ f.Bt.to(xs.dtype)
+                output = output + add if index is None else output.index_add(0, index, add)
+            return output
+
+        return hook
