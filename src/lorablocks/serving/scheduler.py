@@ -12,7 +12,9 @@ and one step), never across steps, and admits no more prefills once a change wai
 waits for at most one step and applies between two. The weights are merged in place,
 so a generation cannot go on on the weights it started with: every running one is cut, its last chunk's
 ``finish_reason`` is ``composition_changed``, and all of its tokens came from the composition whose fingerprint
-it reported at its start. Requests that were waiting start on the new composition.
+it reported at its start. Requests that were waiting start on the new composition. Rows that run a per-request
+composition (:mod:`lorablocks.serving.unmerged`) add its factors minus the default's and are not cut: their weights
+do not depend on the default.
 """
 
 from __future__ import annotations
