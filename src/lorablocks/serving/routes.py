@@ -217,7 +217,7 @@ async def _cancel_on_disconnect(request: Request, job: _Job) -> None:
 
 async def _respond(live: LiveModel, runner: Engine, settings: AppSettings, compositions: RequestCompositions,
                    ids: list[int], params: SamplingParams, req: Any, chat: bool, request: Request) -> Any:
-    spec = None if _names_default(live, settings, req.model) else req.model
+    spec = None if _names_default(live, settings, compositions, req.model) else req.model
     job, fingerprint = await _start(live, runner, ids, params, compositions, spec)
     render = _Render(chat, new_id("chatcmpl" if chat else "cmpl"), spec or settings.model_name, fingerprint)
     headers = {FINGERPRINT_HEADER: fingerprint}
@@ -238,7 +238,8 @@ async def _respond(live: LiveModel, runner: Engine, settings: AppSettings, compo
     return JSONResponse(render.whole("".join(parts), finish, len(ids), tokens), headers=headers)
 
 
-def _names_default(live: LiveModel, settings: AppSettings, model: Optional[str]) -> bool:
+def _names_default(live: LiveModel, settings: AppSettings, compositions: RequestCompositions,
+                   model: Optional[str]) -> bool:
     """Whether a request's ``model`` means the default composition: none, the served name, or the base model (its
     built-in name or hub id); anything else is read as a composition of blocks."""
     from lorablocks.model.models import same_base_model
@@ -246,15 +247,7 @@ def _names_default(live: LiveModel, settings: AppSettings, model: Optional[str])
     if model in (None, "", settings.model_name):
         return True
     base = live.composed.model_id
-    return bool(base) and same_base_model(model, base) and not _is_block(live, model)
-
-
-def _is_block(live: LiveModel, name: str) -> bool:
-    try:
-        live.library.path(name)
-    except Exception:  # noqa: BLE001 - not a block name
-        return False
-    return True
+    return bool(base) and same_base_model(model, base) and not compositions.is_block(model)
 
 
 def _changed(report: ChangeReport) -> JSONResponse:

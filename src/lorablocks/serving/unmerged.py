@@ -114,9 +114,9 @@ class RequestCompositions:
 
     def acquire(self, spec: str) -> RowComposition:
         """The composition ``spec`` names, held for one request until :meth:`release`."""
-        entries = parse_composition(spec, self._known)
+        entries = parse_composition(spec, self.is_block)
         names = [n for n, _ in entries]
-        if not all(self._known(n) for n in names):
+        if not all(self.is_block(n) for n in names):
             raise ModelNotFoundError(
                 f"model {spec!r} is neither this server's model nor a composition of its blocks "
                 f"(NAME[:WEIGHT]+...; available: {', '.join(self.live.library.names()) or 'none'})",
@@ -141,7 +141,8 @@ class RequestCompositions:
             held.users += 1
             return held
 
-    def _known(self, name: str) -> bool:
+    def is_block(self, name: str) -> bool:
+        """Whether ``name`` is a block of the library (a bad or unknown name is not)."""
         try:
             self.live.library.path(name)
         except Exception:  # noqa: BLE001 - a bad or unknown name is simply not a block
