@@ -47,7 +47,6 @@ def test_hooks_add_the_difference_to_the_default_on_the_rows_given():
     default = {"0": LowRank(torch.randn(5, 3, generator=g), torch.randn(3, 6, generator=g))}
     comp = RowComposition("c", "fp", mine)
     hooks = RowHooks(lin)
-    hooks.install()
     x = torch.randn(4, 3, 6, generator=g)
     with torch.no_grad():
         plain = lin(x)
@@ -58,6 +57,9 @@ def test_hooks_add_the_difference_to_the_default_on_the_rows_given():
     want[[1, 3]] += x[[1, 3]].double() @ dense.T
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(out[1], plain[1]) and torch.equal(out[0], plain[0])
+    assert not lin[0]._forward_hooks  # registered for the forward only
+    with torch.no_grad(), hooks.rows([]):
+        assert torch.equal(lin(x), plain)
     assert comp.factors(default) is comp.factors(default)  # kept until the default changes
     assert comp.factors(dict(default)) is not comp.factors(default)
 

@@ -133,9 +133,6 @@ class RequestCompositions:
                 return held
         delta, recipe = self.live.composition(entries, lambda i: "model")  # outside the lock: may take a while
         fingerprint = recipe.fingerprint(base=self.live.composed.model_id)
-        if not self.hooks.installed:
-            with self.live.lock.write():  # once: no forward runs while the hooks go in
-                self.hooks.install()
         with self._lock:
             held = self._held.get(key) or self._make_room(key, RowComposition(spec, fingerprint, delta))
             held.users += 1
@@ -169,35 +166,39 @@ class RequestCompositions:
 
 
 class RowHooks:
-    """Forward hooks on a model's linear modules that add, per group of batch rows, a composition's factors.
+    """Forward hooks that add, per group of batch rows, a composition's factors to a model's linear modules.
 
-    The decoding thread sets the groups for one forward with :meth:`rows`; outside it (and for a forward with
-    no group) a hook adds nothing. Installed once, on the first use.
+    The decoding thread sets the groups for one forward with :meth:`rows`: only then, and only on the modules the
+    groups touch, are hooks registered (removed after), so a forward without per-request rows runs no hook at all.
+    A hook reads its thread's groups: a forward on another thread adds nothing.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self._local = threading.local()
-        self.installed = False
-        self._install_lock = threading.Lock()
+        self._modules: dict[str, nn.Module] | None = None
 
-    def install(self) -> None:
-        """Hook every Linear and Conv1D module (once; call it while no forward runs)."""
-        with self._install_lock:
-            if self.installed:
-                return
-            for name, module in self.model.named_modules():
-                if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
-                    module.register_forward_hook(self._hook(name))
-            self.installed = True
+    def _targets(self) -> dict[str, nn.Module]:
+        if self._modules is None:
+            self._modules = {name: m for name, m in self.model.named_modules()
+                             if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
+        return self._modules
 
     @contextlib.contextmanager
     def rows(self, groups: Sequence[tuple[torch.Tensor | None, Mapping[str, _Factors]]]) -> Iterator[None]:
         """During the block, rows ``index`` (``None``: all) of a forward add the factors given for them."""
+        if not groups:
+            yield
+            return
+        targets = self._targets()
+        needed = {name for _, factors in groups for name in factors if name in targets}
         self._local.groups = list(groups)
+        handles = [targets[name].register_forward_hook(self._hook(name)) for name in sorted(needed)]
         try:
             yield
         finally:
+            for handle in handles:
+                handle.remove()
             self._local.groups = None
 
     def _hook(self, name: str) -> Any:
