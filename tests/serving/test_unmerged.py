@@ -60,6 +60,9 @@ def test_hooks_add_the_difference_to_the_default_on_the_rows_given():
     assert not lin[0]._forward_hooks  # registered for the forward only
     with torch.no_grad(), hooks.rows([]):
         assert torch.equal(lin(x), plain)
+    same = RowComposition("same", "fp", default)  # the very factors of the default: nothing to add
+    with torch.no_grad(), hooks.rows([(None, same.factors(default))]):
+        torch.testing.assert_close(lin(x), plain, atol=1e-5, rtol=1e-5)
     assert comp.factors(default) is comp.factors(default)  # kept until the default changes
     assert comp.factors(dict(default)) is not comp.factors(default)
 

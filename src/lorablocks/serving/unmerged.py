@@ -96,8 +96,8 @@ class RowComposition:
         out: dict[str, _Factors] = {}
         for name in {*self.delta, *default}:
             mine, theirs = self.delta.get(name), default.get(name)
-            As = [x.A for x in (mine, theirs) if x is not None]
-            Bs = [x.B if x is mine else -x.B for x in (mine, theirs) if x is not None]
+            As = ([mine.A] if mine is not None else []) + ([theirs.A] if theirs is not None else [])
+            Bs = ([mine.B] if mine is not None else []) + ([-theirs.B] if theirs is not None else [])
             out[name] = _Factors(torch.cat(As).T.contiguous(), torch.cat(Bs, dim=1).T.contiguous())
         self._against = (default, out)
         return out
@@ -107,7 +107,8 @@ class RequestCompositions:
     """The compositions requests name, at most ``limit`` at once, composed by ``live``'s method on first use."""
 
     def __init__(self, live: Any, hooks: RowHooks | None, limit: int = 4) -> None:
-        self.live, self.hooks = live, hooks
+        """``hooks``: the engine's (``None``: an engine that cannot serve per-request compositions, limit 0)."""
+        self.live = live
         self.limit = max(0, limit) if hooks is not None else 0
         self._held: collections.OrderedDict[tuple, RowComposition] = collections.OrderedDict()
         self._lock = threading.Lock()
