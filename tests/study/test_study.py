@@ -264,6 +264,16 @@ def test_methods_are_evaluated_beside_the_sum(setup, tmp_path):
     assert fit["heldout_loss_best"] <= fit["heldout_loss_start"]
     report = (out / "report.md").read_text()
     assert "ties(density=0.5)" in report and (out / "methods.png").is_file()
+    for m in methods.values():  # the gap closed and the singles' ceiling, from the joint perplexities
+        g = m["gap"]
+        assert g["ppl_method"] != g["ppl_sum"] and g["ppl_singles"] > 0
+        gap = g["ppl_sum"] - g["ppl_merged"]
+        if gap > 0:
+            assert g["closed"] == pytest.approx((g["ppl_sum"] - g["ppl_method"]) / gap)
+            assert g["ceiling"] == pytest.approx((g["ppl_sum"] - g["ppl_singles"]) / gap)
+            assert f"{100 * g['closed']:.0f} % ({100 * g['ceiling']:.0f} %)" in report
+        else:
+            assert g["closed"] is None and "no gap (sum not worse)" in report
 
 
 def test_analyse_rewrites_the_report_from_the_cache(full_run, tmp_path, capsys):

@@ -30,8 +30,8 @@ from lorablocks.study.config import StudyConfig
 from lorablocks.study.inference import adjust, compare, fit_family
 from lorablocks.study.predictors import Matrices, Point, fit_data, subset_predictor
 from lorablocks.study.resample import Estimate, Interval, Resampler
-from lorablocks.study.results import (DegradationPoint, FinePoint, Inputs, MethodResult, MethodSummary, PairResult,
-                                      Records, StudyResult, SubsetResult, UnlearnResult)
+from lorablocks.study.results import (DegradationPoint, FinePoint, GapClosed, Inputs, MethodResult, MethodSummary,
+                                      PairResult, Records, StudyResult, SubsetResult, UnlearnResult)
 
 __all__ = ["PAPER_CHANGES", "SubsetResult", "MethodResult", "FinePoint", "DegradationPoint", "MethodSummary",
            "UnlearnResult", "PairResult", "StudyResult", "Inputs", "analyse", "analyse_inputs", "joint_perplexity"]
@@ -278,8 +278,22 @@ def _methods(ch: _Changes, cfg: StudyConfig, inp: Inputs) -> list[MethodResult]:
                 vs_merged = {d: ch.change(lab, mlab, [d]) for d in s} | {"joint": ch.change(lab, mlab, s)}
             fit = inp.fits.get((spec.label, s, cfg.seeds[0]))
             out.append(MethodResult(spec.label, tuple(s), vs_sum, vs_merged,
-                                    {k: v for k, v in fit.items() if k != "history"} if fit else None))
+                                    {k: v for k, v in fit.items() if k != "history"} if fit else None,
+                                    _gap(ch, lab, s) if vs_merged is not None else None))
     return out
+
+
+def _gap(ch: _Changes, label: str, s: Sequence[str]) -> GapClosed | None:
+    """Point estimates (seed means of joint perplexity) of the share of the sum's gap to merged-data that
+    ``label`` closes, beside the single blocks' share; ``None`` if a single block was not scored on its domain."""
+    if not all(ch.has(f"single:{d}") for d in s):
+        return None
+    j_sum, j_merged, j_method = ch.joint(f"sum:{_tag(s)}", s), ch.joint(f"merged:{_tag(s)}", s), ch.joint(label, s)
+    j_singles = statistics.fmean(
+        joint_perplexity({d: ch.records[(f"single:{d}", seed)]["per_example"][d] for d in s}, s) for seed in ch.seeds)
+    gap = j_sum - j_merged
+    return GapClosed(j_sum, j_merged, j_method, j_singles, (j_sum - j_method) / gap if gap > 0 else None,
+                     (j_sum - j_singles) / gap if gap > 0 else None)
 
 
 def _families(result: StudyResult) -> None:

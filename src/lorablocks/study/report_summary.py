@@ -32,6 +32,22 @@ def _vs_merged(r: StudyResult) -> list[str]:
         lines.append(f"- {m.method} vs merged-data (joint): within the merged-data adapter's interval or better on "
                      f"{m.better + m.no_different} of {m.subsets} subsets (better on {m.better}, no different on "
                      f"{m.no_different}, worse on {m.worse}; Holm within {m.family or 'its family'}).")
+    return lines + _gaps(r)
+
+
+def _gaps(r: StudyResult) -> list[str]:
+    lines = []
+    for label in dict.fromkeys(m.method for m in r.methods):
+        rows = [m for m in r.methods if m.method == label and m.gap is not None and m.gap.closed is not None]
+        if not rows:
+            continue
+        low = min(rows, key=lambda m: m.gap.closed)
+        closed, ceiling = [m.gap.closed for m in rows], [m.gap.ceiling for m in rows]
+        lines.append(f"- {label}: share of the naive sum's gap to merged-data closed (joint, point estimates) "
+                     f"{100 * min(closed):.0f} % to {100 * max(closed):.0f} % over {len(rows)} subsets; the single blocks "
+                     f"on their own domains (the ceiling of making each block act as itself) {100 * min(ceiling):.0f} % to "
+                     f"{100 * max(ceiling):.0f} %; lowest {'+'.join(low.domains)} {100 * low.gap.closed:.0f} % "
+                     f"(ceiling {100 * low.gap.ceiling:.0f} %).")
     return lines
 
 

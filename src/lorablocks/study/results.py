@@ -9,7 +9,7 @@ from typing import Any
 from lorablocks.study.inference import FitStats
 from lorablocks.study.resample import Interval
 
-__all__ = ["SubsetResult", "MethodResult", "FinePoint", "DegradationPoint", "MethodSummary", "UnlearnResult",
+__all__ = ["SubsetResult", "GapClosed", "MethodResult", "FinePoint", "DegradationPoint", "MethodSummary", "UnlearnResult",
            "PairResult", "StudyResult", "Inputs", "Records"]
 
 Records = Mapping[tuple[str, "int | None"], dict]
@@ -34,6 +34,20 @@ class SubsetResult:
 
 
 @dataclass
+class GapClosed:
+    """How much of the naive sum's gap to merged-data (joint perplexity, seed means) a method closes, and how
+    much the single blocks on their own domains close: the ceiling of any composition that makes each block act
+    as itself on its own domain's inputs (RegMean's aim); ``None`` where the sum is not worse than merged-data."""
+
+    ppl_sum: float
+    ppl_merged: float
+    ppl_method: float
+    ppl_singles: float
+    closed: float | None
+    ceiling: float | None
+
+
+@dataclass
 class MethodResult:
     """A composition method on one subset: its changes vs the naive sum and vs merged-data training."""
 
@@ -42,6 +56,7 @@ class MethodResult:
     vs_sum: dict[str, Interval]
     vs_merged: dict[str, Interval] | None
     fit: dict[str, Any] | None = None
+    gap: GapClosed | None = None
 
 
 @dataclass
