@@ -17,7 +17,7 @@ from lorablocks.training.config import LoraSettings, OptimSettings, TrainConfig
 def test_sections_are_the_training_declarations():
     assert StudyConfig.model_fields["lora"].annotation is LoraSettings
     train = TrainSettings.model_fields
-    assert set(train) == set(OptimSettings.model_fields) | {"steps_per_domain"}
+    assert set(train) == set(OptimSettings.model_fields) | {"steps_per_domain", "merged_updates"}
     for name, info in OptimSettings.model_fields.items():  # same default, bounds and help
         assert (train[name].default, train[name].metadata, train[name].description) == (
             info.default, info.metadata, info.description), name
@@ -94,3 +94,42 @@ def test_validation_split_is_refused_while_something_fits_on_validation():
     cfg = load_config(overrides={"eval": {"split": "validation"}, "analysis": {"probe_limit": 0},
                                  "methods": [{"name": "ties", "params": {"density": 0.5}}]})
     assert cfg.eval.split == "validation"
+
+
+def _ctx(tmp_path, merged_updates: str):
+    from lorablocks.study.stages import StudyContext
+
+    cfg = load_config(preset="quick", overrides={"train": {"merged_updates": merged_updates}})
+    prints = {d: {"train": f"t-{d}", "validation": f"v-{d}"} for d in cfg.domains}
+    doms = {d: SimpleNamespace(source=f"/data/{d}") for d in cfg.domains}
+    ctx = StudyContext(cfg, tmp_path, doms, prints, "smollm2-135m", log=lambda *_: None)
+    ctx._session = SimpleNamespace(model=None, tokenizer=None)
+    return ctx
+
+
+def test_merged_updates_same_gives_a_merged_adapter_the_steps_of_a_single_block_at_k_times_the_batch(tmp_path,
+                                                                                                     monkeypatch):
+    import lorablocks.training.train as train_mod
+    from lorablocks.study.stages import _block_path, _train_block
+
+    seen = {}
+    monkeypatch.setattr(train_mod, "train_adapter", lambda tc, **kw: seen.setdefault(len(tc.data), tc))
+    paper, same = _ctx(tmp_path, "per_domain"), _ctx(tmp_path, "same")
+    pair = ("math", "medicine")
+    for ctx, want in ((paper, (16, 8)), (same, (8, 16))):
+        seen.clear()
+        _train_block(ctx, pair, 0, tmp_path / "m")
+        _train_block(ctx, ("math",), 0, tmp_path / "s")
+        assert (seen[2].max_steps, seen[2].batch_size) == want
+        assert (seen[1].max_steps, seen[1].batch_size) == (8, 8)  # a single block is trained the same either way
+        assert seen[2].warmup_steps <= seen[2].max_steps // 2
+    # single blocks keep their cache under either setting (and the paper's merged key is the one of earlier runs);
+    # merged-data adapters trained another way get another folder
+    assert _block_path(paper, 0, ("math",)) == _block_path(same, 0, ("math",))
+    assert _block_path(paper, 0, pair) != _block_path(same, 0, pair)
+    from lorablocks.study.stages import fingerprint
+
+    old = {"model": "smollm2-135m", "subset": list(pair), "data": {d: f"t-{d}" for d in pair},
+           "val": {d: f"v-{d}" for d in pair}, "lora": paper.config.lora.model_dump(),
+           "train": paper.config.train.model_dump(exclude={"merged_updates"}), "seed": 0, "format": 1}
+    assert _block_path(paper, 0, pair).name.endswith(fingerprint(old)[:12])  # the key before the setting existed

@@ -36,10 +36,21 @@ __all__ = [
 
 class TrainSettings(OptimSettings):
     """Training of each block: the training recipe, and ``steps_per_domain`` optimizer steps per domain
-    (a merged-data adapter of k domains gets k times as many; its warm-up is capped at half its steps)."""
+    (a merged-data adapter of k domains gets k times as many, or with ``merged_updates: same`` as many at k times
+    the batch; its warm-up is capped at half its steps)."""
 
     steps_per_domain: int = Field(TrainConfig.model_fields["max_steps"].default, ge=1,
                                   description="Optimizer steps per domain of a block.")
+    merged_updates: Literal["per_domain", "same"] = Field("per_domain", description=(
+        "A merged-data adapter of k domains: per_domain gets k x steps_per_domain steps of batch_size (the paper: the "
+        "same steps per domain); same gets steps_per_domain steps of k x batch_size (the same examples per domain and "
+        "the same number of optimizer updates as a single block)."))
+
+    def block_steps(self, k: int) -> tuple[int, int]:
+        """``(optimizer steps, batch size)`` of a block trained on ``k`` domains."""
+        if k > 1 and self.merged_updates == "same":
+            return self.steps_per_domain, self.batch_size * k
+        return self.steps_per_domain * k, self.batch_size
 
 
 class EvalSettings(Settings):

@@ -11,8 +11,8 @@ def setup(r: StudyResult) -> list[str]:
     return ["## Setup", "",
             f"- model: `{cfg['model']}`; domains: {', '.join(r.domains)}; seeds: {cfg['seeds']}",
             f"- LoRA: rank {cfg['lora']['r']}, alpha {cfg['lora']['alpha']}, targets {cfg['lora']['targets'] or 'model preset'}",
-            f"- training: {cfg['train']['steps_per_domain']} optimizer steps per domain (a merged-data adapter of k "
-            f"domains gets k times as many, domains balanced), batch {cfg['train']['batch_size']}, learning rate "
+            f"- training: {cfg['train']['steps_per_domain']} optimizer steps per domain ({_merged_budget(cfg['train'])}, "
+            f"domains balanced), batch {cfg['train']['batch_size']}, learning rate "
             f"{cfg['train']['learning_rate']}, max length {cfg['train']['max_length']}",
             f"- evaluation: `{cfg['eval']['split']}` split, {cfg['eval']['limit'] or 'all'} examples per domain, max length "
             f"{cfg['eval']['max_length']}; perplexity = exp(total answer-token NLL / answer tokens); joint perplexity pools "
@@ -155,6 +155,13 @@ def methods(r: StudyResult, files: dict) -> list[str]:
                      [[m.method, "+".join(m.domains), f(m.fit.get("heldout_loss_start"), 4),
                        f(m.fit.get("heldout_loss_best"), 4), str(m.fit.get("improved"))] for m in fitted]), ""]
     return md
+
+
+def _merged_budget(train: dict) -> str:
+    if train.get("merged_updates", "per_domain") == "same":
+        return ("a merged-data adapter of k domains gets as many optimizer steps as a single block at k times the batch: "
+                "the same updates, the same examples per domain")
+    return "a merged-data adapter of k domains gets k times as many steps, the paper's protocol"
 
 
 def _gap(m: MethodResult) -> str:

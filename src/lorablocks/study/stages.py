@@ -103,9 +103,12 @@ class Trained:
 
 
 def _block_path(ctx: StudyContext, seed: int, subset: tuple[str, ...]) -> Path:
+    train = ctx.config.train
     key = {"model": ctx.model_id, "subset": list(subset), "data": {d: ctx.data_prints[d]["train"] for d in subset},
            "val": {d: ctx.data_prints[d]["validation"] for d in subset}, "lora": ctx.config.lora.model_dump(),
-           "train": ctx.config.train.model_dump(), "seed": seed, "format": 1}
+           "train": train.model_dump(exclude={"merged_updates"}), "seed": seed, "format": 1}
+    if len(subset) > 1 and train.merged_updates != "per_domain":  # the default keeps the keys of earlier runs
+        key["merged_updates"] = train.merged_updates
     return ctx.cache / "adapters" / f"{tag(subset)}-seed{seed}-{fingerprint(key)[:12]}"
 
 
@@ -129,10 +132,11 @@ def _train_block(ctx: StudyContext, subset: tuple[str, ...], seed: int, out: Pat
 
     cfg = ctx.config
     ckpt = out.parent / f".ckpt-{out.name}"
-    steps = cfg.train.steps_per_domain * len(subset)
+    steps, batch = cfg.train.block_steps(len(subset))
     tc = TrainConfig(
-        **cfg.lora.model_dump(), **cfg.train.model_dump(exclude={"steps_per_domain", "warmup_steps"}),
-        warmup_steps=min(cfg.train.warmup_steps, steps // 2), max_steps=steps, seed=seed, eval_every=0,
+        **cfg.lora.model_dump(), **cfg.train.model_dump(exclude={"steps_per_domain", "warmup_steps", "merged_updates",
+                                                                 "batch_size"}),
+        batch_size=batch, warmup_steps=min(cfg.train.warmup_steps, steps // 2), max_steps=steps, seed=seed, eval_every=0,
         model=cfg.model, data=[ctx.domains[d].source for d in subset], out=str(out), checkpoint_dir=str(ckpt),
         resume=ckpt.is_dir() and any(ckpt.iterdir()), force=True, statistics=len(subset) == 1,  # singles compose
         cache_dir=str(ctx.cache_dir) if ctx.cache_dir else None)
@@ -147,7 +151,7 @@ def train_stage(ctx: StudyContext, merged_sets: Sequence[tuple[str, ...]]) -> Tr
     trained = Trained(paths={k: _block_path(ctx, *k) for k in keys})
     loaded = {k: _load_cached(p, ctx.log) for k, p in trained.paths.items()}
     todo = [k for k in keys if loaded[k] is None]
-    total = sum(cfg.train.steps_per_domain * len(k[1]) for k in todo)
+    total = sum(cfg.train.block_steps(len(k[1]))[0] for k in todo)
     ctx.log(f"training: {len(keys) - len(todo)} of {len(keys)} adapters cached, {len(todo)} to train ({total} optimizer steps)")
     t0, done = time.perf_counter(), 0
     for i, (seed, subset) in enumerate(todo):
@@ -156,7 +160,7 @@ def train_stage(ctx: StudyContext, merged_sets: Sequence[tuple[str, ...]]) -> Tr
         ctx.log(f"[{i + 1}/{len(todo)}] training {kind} adapter {tag(subset)} (seed {seed}){eta}")
         _train_block(ctx, subset, seed, trained.paths[(seed, subset)])
         loaded[(seed, subset)] = _load_cached(trained.paths[(seed, subset)], ctx.log)
-        done += cfg.train.steps_per_domain * len(subset)
+        done += cfg.train.block_steps(len(subset))[0]
     trained.seconds = time.perf_counter() - t0
     for k, a in loaded.items():
         if a is None:
