@@ -107,6 +107,43 @@ def test_a_sequence_in_a_padded_batch_has_its_logits_alone(tiny_live, tok):
             assert batch.mask.shape[1] == max(len(seqs[r]) for r in alive)  # no column that is padding only
 
 
+def test_the_batch_cache_appends_in_place_and_holds_what_concatenation_would():
+    from transformers.cache_utils import DynamicCache
+
+    g = torch.Generator().manual_seed(0)
+    rand = lambda b, t: torch.randn(b, 2, t, 4, generator=g)  # noqa: E731 - [batch, heads, tokens, dim]
+    cache = DynamicCache()
+    keys, values = rand(1, 5), rand(1, 5)
+    cache.update(keys, values, 0)
+    batch = BatchCache()
+    batch.join(cache, 5)
+    layer = batch.cache.layers[0]
+    pointers = set()
+    for _ in range(20):  # 5 + 20 tokens fit the first room (5 + 1 + 64): no copy of the old tokens
+        batch.step_inputs()
+        k, v = rand(1, 1), rand(1, 1)
+        out_k, out_v = layer.update(k, v)
+        keys, values = torch.cat([keys, k], dim=-2), torch.cat([values, v], dim=-2)
+        assert torch.equal(out_k, keys) and torch.equal(out_v, values)
+        pointers.add(layer.keys.data_ptr())
+    assert len(pointers) == 1
+    other = DynamicCache()
+    other_keys, other_values = rand(1, 3), rand(1, 3)
+    other.update(other_keys, other_values, 0)
+    batch.join(other, 3)  # the batch's tensors are replaced (left-padded, concatenated): adopted at the next update
+    batch.step_inputs()
+    k2, v2 = rand(2, 1), rand(2, 1)
+    out_k, _ = batch.cache.layers[0].update(k2, v2)
+    padded = torch.nn.functional.pad(other_keys, (0, 0, keys.shape[-2] - 3, 0))
+    assert torch.equal(out_k, torch.cat([torch.cat([keys, padded]), k2], dim=-2))
+    batch.keep([1])  # leaving trims the columns that are padding in every row left; still exact after
+    batch.step_inputs()
+    k3, v3 = rand(1, 1), rand(1, 1)
+    out_k, out_v = batch.cache.layers[0].update(k3, v3)
+    assert torch.equal(out_k, torch.cat([other_keys, k2[1:], k3], dim=-2))
+    assert torch.equal(out_v, torch.cat([other_values, v2[1:], v3], dim=-2))
+
+
 def test_batched_outputs_equal_outputs_alone_greedy_seeded_stop(tiny_live, scheduler, tok):
     settings = [dict(max_new_tokens=20), dict(max_new_tokens=33), dict(max_new_tokens=7),
                 dict(max_new_tokens=25, temperature=1.2, seed=3), dict(max_new_tokens=30, temperature=0.8, top_p=0.7,

