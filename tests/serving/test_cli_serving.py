@@ -23,6 +23,9 @@ def test_parse_active():
 
     assert parse_active("math,medicine:0.5, finance:-1") == (("math", 1.0), ("medicine", 0.5), ("finance", -1.0))
     assert parse_active(None) == () and parse_active("") == ()
+    assert parse_active("v2:final:1,math") == (("v2:final", 1.0), ("math", 1.0))  # a name holding ':'
+    with pytest.raises(LoraBlocksError, match="NAME:1"):
+        parse_active("v2:final")
     for bad in ("math:lots", "math:nan", "math:inf"):
         with pytest.raises(LoraBlocksError, match="--active"):
             parse_active(bad)

@@ -38,6 +38,12 @@ def test_parse_composition():
     for bad in ("math+", "+math", "math:x", "math:nan", "math:inf", ":1"):
         with pytest.raises(RequestError, match="model"):
             parse_composition(bad)
+    colons = {"v2:final", "math", "a:b+c"}.__contains__  # block names may hold ':' (and '+')
+    assert parse_composition("v2:final", colons) == [("v2:final", 1.0)]
+    assert parse_composition("v2:final:0.5+math", colons) == [("v2:final", 0.5), ("math", 1.0)]
+    assert parse_composition("math+v2:final+a:b+c:-1", colons) == [("math", 1.0), ("v2:final", 1.0), ("a:b+c", -1.0)]
+    with pytest.raises(RequestError, match="'final' of block 'v2' is not a number"):
+        parse_composition("v2:final")  # without the library's names, ':final' reads as a weight
 
 
 def test_hooks_add_the_difference_to_the_default_on_the_rows_given():
@@ -194,6 +200,33 @@ def test_http_a_request_names_its_composition(live, tok):
         server.stop()
         runner.shutdown()
         live.set_active([])
+
+
+def test_http_503_with_retry_after_when_every_held_composition_is_in_use(live):
+    server, runner = start_server(live, max_tokens_limit=4, max_batch=4, max_compositions=1)
+    body = {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}
+    answers: list[httpx.Response] = []
+    try:
+        with live.lock.write():  # the decoding thread waits: the first request holds its composition meanwhile
+            first = threading.Thread(target=lambda: answers.append(httpx.post(
+                f"{server.url}/v1/completions", json={**body, "model": "math"}, timeout=60)))
+            first.start()
+            deadline = time.monotonic() + 30
+            while httpx.get(f"{server.url}/health", timeout=10).json()["compositions"]["in_use"] < 1:
+                assert time.monotonic() < deadline, "the first request never took its composition"
+                time.sleep(0.02)
+            busy = httpx.post(f"{server.url}/v1/completions", json={**body, "model": "words"}, timeout=60)
+            assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
+            assert "1 per-request compositions, all in use" in busy.json()["error"]["message"]
+        first.join(60)
+        assert answers[0].status_code == 200 and answers[0].json()["model"] == "math"
+        usage = httpx.get(f"{server.url}/health", timeout=10).json()["compositions"]
+        assert usage == {"held": 1, "in_use": 0, "limit": 1}
+        again = httpx.post(f"{server.url}/v1/completions", json={**body, "model": "words"}, timeout=60)
+        assert again.status_code == 200 and again.json()["model"] == "words"  # the idle one made room
+    finally:
+        server.stop()
+        runner.shutdown()
 
 
 def test_http_thread_engine_refuses_request_compositions(live):

@@ -34,7 +34,8 @@ def parse_active(text: Optional[str]) -> tuple[tuple[str, float], ...]:
         try:
             value = float(weight)
         except ValueError:
-            raise LoraBlocksError(f"--active takes NAME[:WEIGHT],...; {weight!r} in {item!r} is not a number") from None
+            raise LoraBlocksError(f"--active takes NAME[:WEIGHT],...; {weight!r} in {item!r} is not a number (a block "
+                                  "whose name holds ':' takes its weight after it: NAME:1)") from None
         if not math.isfinite(value):
             raise LoraBlocksError(f"--active weights must be finite numbers, got {item!r}")
         out.append((name, value))

@@ -268,7 +268,7 @@ def add_routes(app: FastAPI, live: LiveModel, runner: Engine, settings: AppSetti
         if failure is not None:
             return JSONResponse({"status": "failed", "error": one_line(failure), "fingerprint": live.fingerprint},
                                 status_code=500)
-        return {"status": "ok", "fingerprint": live.fingerprint}
+        return {"status": "ok", "fingerprint": live.fingerprint, "compositions": compositions.usage()}
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:

@@ -38,23 +38,29 @@ __all__ = ["parse_composition", "RowComposition", "RequestCompositions", "RowHoo
 def parse_composition(text: str, known: Callable[[str], bool] = lambda name: False) -> list[tuple[str, float]]:
     """``"math+medicine:0.5"`` -> ``[("math", 1.0), ("medicine", 0.5)]``; :class:`RequestError` on bad syntax.
 
-    A block whose name holds ``+`` (the study's ``merged-math+medicine``) is read as one name where ``known(name)``
-    says it is a block: at each place the longest run of ``+``-joined parts that names one is taken."""
+    Block names may hold ``+`` (the study's ``merged-math+medicine``) and ``:`` (``v2:final``): where ``known(name)``
+    says a name is a block, it is read whole. At each place the longest run of ``+``-joined parts that names a
+    block, alone or followed by ``:WEIGHT``, is taken; a part that is a block's whole name has weight 1."""
     parts, entries, i = text.split("+"), [], 0
     while i < len(parts):
-        j = next((j for j in range(len(parts), i + 1, -1)  # a weight may only end the run
-                  if not any(":" in p for p in parts[i:j - 1]) and known(_name("+".join(parts[i:j])))), i + 1)
-        entries.append(_entry(text, "+".join(parts[i:j])))
+        j = next((j for j in range(len(parts), i + 1, -1) if _names_block(parts[i:j], known)), i + 1)
+        entries.append(_entry(text, "+".join(parts[i:j]), known))
         i = j
     return entries
 
 
-def _name(part: str) -> str:
-    return part.rpartition(":")[0].strip() if ":" in part else part.strip()
+def _names_block(run: list[str], known: Callable[[str], bool]) -> bool:
+    """Whether ``+``-joined ``run`` is a block's name, alone or with ``:WEIGHT`` (after a ``:`` of its last part)."""
+    text = "+".join(run)
+    return known(text.strip()) or (":" in run[-1] and known(text.rpartition(":")[0].strip()))
 
 
-def _entry(text: str, part: str) -> tuple[str, float]:
-    name, weight = _name(part), part.rpartition(":")[2] if ":" in part else None
+def _entry(text: str, part: str, known: Callable[[str], bool]) -> tuple[str, float]:
+    if ":" not in part or known(part.strip()):
+        name, weight = part.strip(), None
+    else:
+        name, _, weight = part.rpartition(":")
+        name = name.strip()
     if not name:
         raise RequestError(f"model {text!r}: an empty block name; write blocks as NAME[:WEIGHT]+NAME[:WEIGHT]",
                            setting="model")
@@ -164,6 +170,12 @@ class RequestCompositions:
     def held(self) -> list[RowComposition]:
         with self._lock:
             return list(self._held.values())
+
+    def usage(self) -> dict[str, int]:
+        """How many per-request compositions are held, how many of them running requests use, and the limit."""
+        with self._lock:
+            return {"held": len(self._held), "in_use": sum(c.users > 0 for c in self._held.values()),
+                    "limit": self.limit}
 
 
 class RowHooks:
