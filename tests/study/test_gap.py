@@ -2,6 +2,8 @@
 
 import math
 
+import numpy as np
+
 import pytest
 
 from lorablocks.study.analysis import _Changes, _gap
@@ -34,3 +36,35 @@ def test_no_gap_when_the_sum_is_not_worse_and_none_without_singles():
     ch = _changes(10.0, 5.0, 7.5, 6.0)
     del ch.records[("single:b", 0)]
     assert _gap(ch, "regmean:a+b", ("a", "b")) is None
+
+
+def test_ratio_interval_pairs_the_draws_and_opens_where_the_gap_vanishes():
+    from lorablocks.study.resample import ratio_interval
+
+    merged = -np.linspace(1.0, 3.0, 1000)  # merged-data always better than the sum
+    low, high = ratio_interval(0.5 * merged, merged)  # the method closes half of every draw's gap
+    assert low == pytest.approx(0.5) and high == pytest.approx(0.5)
+    low, high = ratio_interval(np.full(1000, -1.0), merged)  # a fixed gain over a varying gap: 1/3 to 1
+    assert low == pytest.approx(1 / 2.95, rel=0.02) and high == pytest.approx(1 / 1.05, rel=0.02)
+    no_gap = merged.copy()
+    no_gap[:100] = 0.5  # 10 % of the draws: merged-data not better than the sum, the method better: no upper bound
+    assert ratio_interval(0.5 * merged, no_gap)[1] == math.inf
+    assert ratio_interval(np.full(1000, 1.0), no_gap)[0] == -math.inf  # the method worse than the sum there
+
+
+def test_gap_interval_from_the_shared_resamples_contains_the_point_and_narrows_with_examples():
+    from lorablocks.study.resample import Resampler
+
+    def changes(n: int) -> _Changes:
+        g = np.random.default_rng(0)
+        rows = lambda shift: [[float(5 * (2.0 + shift + 0.3 * z)), 5] for z in g.standard_normal(n)]  # noqa: E731
+        per = {"sum": 0.0, "merged": -0.2, "regmean": -0.15}
+        records = {(f"{k}:a+b", 0): _rec(a=rows(v), b=rows(v)) for k, v in per.items()}
+        records |= {("single:a", 0): _rec(a=rows(-0.18)), ("single:b", 0): _rec(b=rows(-0.18))}
+        return _Changes(records, [0], Resampler({"a": n, "b": n}, 1, 2000, 0))
+
+    small, large = (_gap(changes(n), "regmean:a+b", ("a", "b")) for n in (8, 200))
+    for g in (small, large):
+        assert g.interval[0] <= g.closed <= g.interval[1]
+    assert large.interval[1] - large.interval[0] < small.interval[1] - small.interval[0]
+    assert _gap(_changes(10.0, 5.0, 7.5, 6.0), "regmean:a+b", ("a", "b")).interval is None  # no resampler

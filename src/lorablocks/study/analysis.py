@@ -29,7 +29,7 @@ import numpy as np
 from lorablocks.study.config import StudyConfig
 from lorablocks.study.inference import adjust, compare, fit_family
 from lorablocks.study.predictors import Matrices, Point, fit_data, subset_predictor
-from lorablocks.study.resample import Estimate, Interval, Resampler
+from lorablocks.study.resample import Estimate, Interval, Resampler, ratio_interval
 from lorablocks.study.results import (DegradationPoint, FinePoint, GapClosed, Inputs, MethodResult, MethodSummary,
                                       PairResult, Records, StudyResult, SubsetResult, UnlearnResult)
 
@@ -292,8 +292,15 @@ def _gap(ch: _Changes, label: str, s: Sequence[str]) -> GapClosed | None:
     j_singles = statistics.fmean(
         joint_perplexity({d: ch.records[(f"single:{d}", seed)]["per_example"][d] for d in s}, s) for seed in ch.seeds)
     gap = j_sum - j_merged
-    return GapClosed(j_sum, j_merged, j_method, j_singles, (j_sum - j_method) / gap if gap > 0 else None,
-                     (j_sum - j_singles) / gap if gap > 0 else None)
+    if gap <= 0:
+        return GapClosed(j_sum, j_merged, j_method, j_singles, None, None)
+    interval = None
+    if ch.rs is not None:
+        sum_label = f"sum:{_tag(s)}"
+        interval = ratio_interval(ch.estimate(label, sum_label, s).boot,
+                                  ch.estimate(f"merged:{_tag(s)}", sum_label, s).boot)
+    return GapClosed(j_sum, j_merged, j_method, j_singles, (j_sum - j_method) / gap, (j_sum - j_singles) / gap,
+                     interval)
 
 
 def _families(result: StudyResult) -> None:

@@ -67,3 +67,11 @@ def name(predictor: str) -> str:
 def mean(values) -> float:
     vals = [v for v in values if v is not None and not math.isnan(v)]
     return sum(vals) / len(vals) if vals else math.nan
+
+
+def share_interval(interval: tuple[float, float] | None) -> str:
+    """``[40, 130]`` (percent) for a share's interval; an infinite side is written as unbounded; "" if none."""
+    if interval is None or any(math.isnan(x) for x in interval):
+        return ""
+    low, high = (f"{100 * x:.0f}" if math.isfinite(x) else ("-inf" if x < 0 else "+inf") for x in interval)
+    return f"[{low}, {high}]"

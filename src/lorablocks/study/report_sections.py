@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lorablocks.study.report_format import ci, ci_num, f, name, p, table, verdict
+from lorablocks.study.report_format import ci, ci_num, f, name, p, share_interval, table, verdict
 from lorablocks.study.results import MethodResult, StudyResult
 
 
@@ -170,7 +170,8 @@ def _gap(m: MethodResult) -> str:
         return "-"
     if g.closed is None:
         return "no gap (sum not worse)"
-    return f"{100 * g.closed:.0f} % ({100 * g.ceiling:.0f} %)"
+    return f"{100 * g.closed:.0f} % {share_interval(g.interval)} ({100 * g.ceiling:.0f} %)"
+
 
 
 def training(r: StudyResult, files: dict) -> list[str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lorablocks.study.inference import family_floor
-from lorablocks.study.report_format import ci, ci_num, f, mean, name, p, verdict
+from lorablocks.study.report_format import ci, ci_num, f, mean, name, p, share_interval, verdict
 from lorablocks.study.results import StudyResult
 
 
@@ -47,7 +47,8 @@ def _gaps(r: StudyResult) -> list[str]:
                      f"{100 * min(closed):.0f} % to {100 * max(closed):.0f} % over {len(rows)} subsets; the single blocks "
                      f"on their own domains (the ceiling of making each block act as itself) {100 * min(ceiling):.0f} % to "
                      f"{100 * max(ceiling):.0f} %; lowest {'+'.join(low.domains)} {100 * low.gap.closed:.0f} % "
-                     f"(ceiling {100 * low.gap.ceiling:.0f} %).")
+                     f"{share_interval(low.gap.interval)} (ceiling {100 * low.gap.ceiling:.0f} %); 95 % intervals of "
+                     "the share in the methods table.")
     return lines
 
 

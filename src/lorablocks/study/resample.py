@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Interval", "Estimate", "Resampler", "bootstrap_p", "paired_change", "DEFAULT_RESAMPLES"]
+__all__ = ["Interval", "Estimate", "Resampler", "bootstrap_p", "paired_change", "ratio_interval", "DEFAULT_RESAMPLES"]
 
 #: Resamples per study: the 2.5 % and 97.5 % ends move by well under 0.1 point between seeds.
 DEFAULT_RESAMPLES = 10_000
@@ -202,3 +202,19 @@ def paired_change(new: Sequence[Sequence[Sequence[float]]], ref: Sequence[Sequen
         return Interval(math.nan, math.nan, math.nan)
     rs = Resampler({str(i): x.shape[1] for i, x in enumerate(a)}, 1, resamples, seed)
     return rs.change({str(i): x for i, x in enumerate(a)}, {str(i): x for i, x in enumerate(b)}, [0]).interval()
+
+
+def ratio_interval(closed_by_method: np.ndarray, closed_by_merged: np.ndarray) -> tuple[float, float]:
+    """95 % percentile interval of ``closed_by_method / closed_by_merged`` over paired bootstrap draws (each the
+    change vs the naive sum, negative where better). A draw where merged-data is not better than the sum has no
+    gap: it counts as +inf if the method is better than the sum there, else -inf, so that a gap that vanishes
+    often gives an unbounded side rather than a narrow interval built from the draws that happen to have one."""
+    num, den = np.asarray(closed_by_method, float), np.asarray(closed_by_merged, float)
+    keep = np.isfinite(num) & np.isfinite(den)
+    num, den = num[keep], den[keep]
+    if not len(num):
+        return (math.nan, math.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(den < 0, num / den, np.where(num < 0, np.inf, -np.inf))
+    low, high = np.quantile(ratio, [0.025, 0.975], method="inverted_cdf")
+    return float(low), float(high)

@@ -45,6 +45,9 @@ class GapClosed:
     ppl_singles: float
     closed: float | None
     ceiling: float | None
+    #: 95 % bootstrap interval of ``closed`` (the study's shared resamples: the method's and merged-data's changes
+    #: vs the sum in the same draw); a bound is infinite where the gap itself vanishes in over 2.5 % of the draws
+    interval: tuple[float, float] | None = None
 
 
 @dataclass

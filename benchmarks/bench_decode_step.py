@@ -1,0 +1,97 @@
+"""What one batched decoding step costs on this CPU, and why batching 8 rows is not 8x (issue 16).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_decode_step.py [--threads 1] [--rows 1,8,16]
+
+1. **GEMMs alone**: every linear module of the default model (SmolLM2-135M, fp32) once, in the model's order, on
+   ``rows`` random input rows, as one decoding step runs them (540 MB of weights, more than any cache holds, so
+   they stream from memory as in a real step): ms per step and the weight bytes streamed per second.
+2. **The whole step** on a batch of ``rows`` sequences of about 200 tokens (the scheduler's ``BatchCache``), with
+   the KV cache appended into spare room (the scheduler's layer) vs concatenated at every step (transformers'
+   ``DynamicLayer``), alternated ``--repeats`` times in this process: ms per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def gemm_step_ms(model: torch.nn.Module, rows: int, repeats: int = 10) -> float:
+    """ms for one pass of ``rows`` rows through every linear module (and the head) of ``model``."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {m.in_features: torch.randn(rows, m.in_features) for m in linears}
+
+    def once() -> None:
+        for m in linears:
+            torch.nn.functional.linear(inputs[m.in_features], m.weight)
+
+    once()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        once()
+    return 1e3 * (time.perf_counter() - t0) / repeats
+
+
+def model_step_ms(composed: object, rows: int, growing: bool, steps: int = 40) -> float:
+    """ms per decoding step of ``rows`` sequences (about 200 tokens each) through the scheduler's batch cache."""
+    from lorablocks.serving import scheduler
+    from lorablocks.serving.generation import cache_argument, cache_of
+
+    model = composed.model
+    arg, extra = cache_argument(model)
+    keep = scheduler._GrowingLayer.__dict__["of"]
+    if not growing:
+        scheduler._GrowingLayer.of = staticmethod(lambda layer: layer)  # type: ignore[method-assign]
+    try:
+        batch, g = scheduler.BatchCache(), torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for b in range(rows):
+                ids = torch.randint(0, 1000, (1, 200 - 3 * b), generator=g)
+                batch.join(cache_of(model(input_ids=ids, use_cache=True, **{arg: None}, **extra)), ids.shape[1])
+
+            def step() -> None:
+                mask, positions = batch.step_inputs()
+                tokens = torch.randint(0, 1000, (rows, 1), generator=g)
+                model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
+                      **{arg: batch.cache}, **extra)
+
+            step()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            return 1e3 * (time.perf_counter() - t0) / steps
+    finally:
+        scheduler._GrowingLayer.of = keep  # type: ignore[method-assign]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rows", default="1,8,16")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from lorablocks.model.session import ComposedModel
+
+    composed = ComposedModel.load("smollm2-135m")
+    composed.model.eval()
+    rows = [int(r) for r in args.rows.split(",")]
+    weight_bytes = sum(m.weight.numel() * 4 for m in composed.model.modules() if isinstance(m, torch.nn.Linear))
+    print(f"torch threads {args.threads}; {weight_bytes / 1e6:.0f} MB of linear weights per step")
+    print("1. GEMMs of one step (every linear module once)")
+    base = None
+    for r in rows:
+        ms = min(gemm_step_ms(composed.model, r) for _ in range(args.repeats))
+        base = base or ms
+        print(f"   {r:3d} rows: {ms:6.1f} ms ({ms / base:.2f}x one row), weights at {weight_bytes / ms / 1e6:.1f} GB/s")
+    print("2. whole decoding step, KV cache appended in place vs concatenated (alternated)")
+    for r in rows:
+        pairs = [(model_step_ms(composed, r, True), model_step_ms(composed, r, False)) for _ in range(args.repeats)]
+        text = ", ".join(f"{a:.1f} vs {b:.1f}" for a, b in pairs)
+        print(f"   {r:3d} rows: in place vs concatenated, ms per step: {text}")
+
+
+if __name__ == "__main__":
+    main()
