@@ -30,7 +30,8 @@ paper's shape (rank 4 on q,k,v,o,down_proj, random non-zero factors, ``|dW| ~ 5 
    a change cut: ``finish_reason`` ``composition_changed``, batched only).
 
 Timings are the best (throughput, loading) or the median (changes) of ``--repeats`` alternating runs; torch
-uses ``--threads`` intra-op threads (default 1, as the other benchmarks on the 2 shared cores).
+uses ``--threads`` intra-op threads (default 1, as the other benchmarks on the 2 shared cores); ``--dtype bfloat16``
+serves every path from bfloat16 weights (``serve --dtype``).
 """
 
 from __future__ import annotations
@@ -420,6 +421,7 @@ def _print_batching(b: dict[str, Any]) -> None:
 
 def _print(results: dict[str, Any]) -> None:
     c, g, lo = results.get("change"), results.get("throughput"), results.get("load")
+    print(f"weights {results['dtype']}, {results['torch_threads']} torch thread(s)")
     if c:
         print(f"1. change on a running server: add {c['add_ms']:.1f} ms (server {c['add_server_ms']:.1f} ms, "
               f"generations held {c['add_locked_ms']:.1f} ms), remove {c['remove_ms']:.1f} ms; load the merged folder "
@@ -458,6 +460,8 @@ def main() -> None:
     parser.add_argument("--change-clients", type=int, default=8)
     parser.add_argument("--clients-in-process", action="store_true",
                         help="batching: run the clients as threads of this process (they then share its GIL)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the served weights' dtype, for every path alike (serve --dtype)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -471,7 +475,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        composed = ComposedModel.load("smollm2-135m")
+        composed = ComposedModel.load("smollm2-135m", dtype=getattr(torch, args.dtype))
         write_blocks(composed.model, root / "blocks", ["a", "b", "c"])
         t0 = time.perf_counter()
         combine_files([root / "blocks" / n for n in "abc"], root / "merged", merge_into="smollm2-135m")
@@ -481,7 +485,7 @@ def main() -> None:
         server = Server(create_app(live, Runner(workers=4, queue=64), settings))  # today's path
         batched = Server(create_app(live, Scheduler(live, max_batch=16, queue=64), settings))
         laned = Server(create_app(live, Scheduler(live, max_batch=16, queue=64, lanes=2), settings))
-        parts, results = args.parts.split(","), {"torch_threads": args.threads}
+        parts, results = args.parts.split(","), {"torch_threads": args.threads, "dtype": args.dtype}
         try:
             if "change" in parts:
                 results["change"] = bench_change(live, server.url, root / "merged", args.repeats)

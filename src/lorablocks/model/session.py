@@ -59,12 +59,22 @@ class ComposedModel:
         self._delta: dict[str, LowRank] = {}
 
     @classmethod
-    def load(cls, spec: str, cache_dir: str | os.PathLike | None = None, device: str | None = None) -> ComposedModel:
-        """Load ``--model spec`` (built-in name, local folder or hub id)."""
+    def load(cls, spec: str, cache_dir: str | os.PathLike | None = None, device: str | None = None,
+             dtype: torch.dtype | None = None) -> ComposedModel:
+        """Load ``--model spec`` (built-in name, local folder or hub id), its weights in ``dtype`` (float32)."""
         from lorablocks.model.models import load_model, model_id
 
-        model, tokenizer = load_model(spec, cache_dir=cache_dir, device=device)
+        model, tokenizer = load_model(spec, cache_dir=cache_dir, dtype=dtype, device=device)
         return cls(model, tokenizer, model_id(spec))
+
+    @property
+    def identity(self) -> str | None:
+        """The base model as fingerprints name it: its id, with its weights' dtype where that is not float32
+        (the same blocks merged into bfloat16 weights are other weights)."""
+        dtype = next(self.model.parameters()).dtype
+        if dtype == torch.float32:
+            return self.model_id
+        return f"{self.model_id}@{str(dtype).removeprefix('torch.')}"
 
     @property
     def delta(self) -> Mapping[str, LowRank]:
@@ -73,8 +83,8 @@ class ComposedModel:
 
     @property
     def fingerprint(self) -> str | None:
-        """The active recipe's fingerprint with this base model's identity in it (``None``: the base model)."""
-        return self.recipe.fingerprint(base=self.model_id) if self.recipe is not None else None
+        """The active recipe's fingerprint with this base model's :attr:`identity` in it (``None``: the base model)."""
+        return self.recipe.fingerprint(base=self.identity) if self.recipe is not None else None
 
     def check_base_model(self, recorded: Sequence[tuple[str, str | None]]) -> None:
         """Refuse blocks ``(label, recorded base model)`` made for another model (unknown ones pass)."""

@@ -139,7 +139,7 @@ class RequestCompositions:
                 self._held.move_to_end(key)
                 return held
         delta, recipe = self.live.composition(entries, lambda i: "model")  # outside the lock: may take a while
-        fingerprint = recipe.fingerprint(base=self.live.composed.model_id)
+        fingerprint = recipe.fingerprint(base=self.live.composed.identity)
         with self._lock:
             held = self._held.get(key) or self._make_room(key, RowComposition(spec, fingerprint, delta))
             held.users += 1
