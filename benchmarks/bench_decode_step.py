@@ -2,12 +2,15 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_decode_step.py [--threads 1] [--rows 1,8,16]
 
-1. **GEMMs alone**: every linear module of the default model (SmolLM2-135M, fp32) once, in the model's order, on
-   ``rows`` random input rows, as one decoding step runs them (540 MB of weights, more than any cache holds, so
-   they stream from memory as in a real step): ms per step and the weight bytes streamed per second.
+1. **GEMMs alone**: every linear module of the default model (SmolLM2-135M) once, in the model's order, on
+   ``rows`` random input rows, as one decoding step runs them (540 MB of float32 weights, more than any cache
+   holds, so they stream from memory as in a real step), with float32 weights and with bfloat16 ones (``serve
+   --dtype bfloat16``): ms per step and the weight bytes streamed per second.
 2. **The whole step** on a batch of ``rows`` sequences of about 200 tokens (the scheduler's ``BatchCache``), with
    the KV cache appended into spare room (the scheduler's layer) vs concatenated at every step (transformers'
    ``DynamicLayer``), alternated ``--repeats`` times in this process: ms per step.
+3. **What bfloat16 weights change**: the next-token distributions of the bf16 model against the float32 one,
+   teacher-forced along each float32 greedy answer (128 tokens) to a few prompts: top-1 agreement and mean KL.
 """
 
 from __future__ import annotations
@@ -18,10 +21,16 @@ import time
 import torch
 
 
+PROMPTS = ("Write a long, detailed essay about the history of the Roman Empire.",
+           "Explain in detail how a car engine works, step by step.",
+           "What is the derivative of x^3 + 2x?", "List the symptoms of dehydration.")
+
+
 def gemm_step_ms(model: torch.nn.Module, rows: int, repeats: int = 10) -> float:
     """ms for one pass of ``rows`` rows through every linear module (and the head) of ``model``."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    inputs = {m.in_features: torch.randn(rows, m.in_features) for m in linears}
+    dtype = linears[0].weight.dtype
+    inputs = {m.in_features: torch.randn(rows, m.in_features, dtype=dtype) for m in linears}
 
     def once() -> None:
         for m in linears:
@@ -66,6 +75,23 @@ def model_step_ms(composed: object, rows: int, growing: bool, steps: int = 40) -
         scheduler._GrowingLayer.of = keep  # type: ignore[method-assign]
 
 
+@torch.no_grad()
+def bf16_agreement(composed: object, bf16: torch.nn.Module, tokens: int = 128) -> tuple[float, float, int]:
+    """(top-1 agreement, mean KL(fp32 || bf16) in nats, positions) along each fp32 greedy answer to PROMPTS."""
+    from lorablocks.serving.generation import encode_chat
+
+    agree = kl = n = 0.0
+    for prompt in PROMPTS:
+        ids = encode_chat(composed.tokenizer, [{"role": "user", "content": prompt}])
+        answer = composed.model.generate(torch.tensor([ids]), max_new_tokens=tokens, do_sample=False)
+        ref = torch.log_softmax(composed.model(answer).logits[0, len(ids) - 1:-1].double(), -1)
+        low = torch.log_softmax(bf16(answer).logits[0, len(ids) - 1:-1].double(), -1)
+        agree += float((ref.argmax(-1) == low.argmax(-1)).sum())
+        kl += float((ref.exp() * (ref - low)).sum())
+        n += ref.shape[0]
+    return agree / n, kl / n, int(n)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -80,17 +106,25 @@ def main() -> None:
     rows = [int(r) for r in args.rows.split(",")]
     weight_bytes = sum(m.weight.numel() * 4 for m in composed.model.modules() if isinstance(m, torch.nn.Linear))
     print(f"torch threads {args.threads}; {weight_bytes / 1e6:.0f} MB of linear weights per step")
+    import copy
+
+    bf16 = copy.deepcopy(composed.model).to(torch.bfloat16)
     print("1. GEMMs of one step (every linear module once)")
-    base = None
-    for r in rows:
-        ms = min(gemm_step_ms(composed.model, r) for _ in range(args.repeats))
-        base = base or ms
-        print(f"   {r:3d} rows: {ms:6.1f} ms ({ms / base:.2f}x one row), weights at {weight_bytes / ms / 1e6:.1f} GB/s")
+    for name, model, size in (("float32", composed.model, weight_bytes), ("bfloat16", bf16, weight_bytes / 2)):
+        base = None
+        for r in rows:
+            ms = min(gemm_step_ms(model, r) for _ in range(args.repeats))
+            base = base or ms
+            print(f"   {name:8s} {r:3d} rows: {ms:6.1f} ms ({ms / base:.2f}x one row), weights at "
+                  f"{size / ms / 1e6:.1f} GB/s")
     print("2. whole decoding step, KV cache appended in place vs concatenated (alternated)")
     for r in rows:
         pairs = [(model_step_ms(composed, r, True), model_step_ms(composed, r, False)) for _ in range(args.repeats)]
         text = ", ".join(f"{a:.1f} vs {b:.1f}" for a, b in pairs)
         print(f"   {r:3d} rows: in place vs concatenated, ms per step: {text}")
+    agree, kl, n = bf16_agreement(composed, bf16)
+    print(f"3. bfloat16 vs float32 weights, next token along {n} positions of float32 greedy answers: top-1 agreement "
+          f"{100 * agree:.1f} %, mean KL {kl:.2e} nats")
 
 
 if __name__ == "__main__":

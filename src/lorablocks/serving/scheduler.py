@@ -114,7 +114,8 @@ class _GrowingLayer(DynamicLayer):
     """A growing KV-cache layer that appends into spare room instead of copying the whole cache at every step
     (``DynamicLayer`` concatenates). ``keys``/``values`` are views of the first ``n`` positions of larger
     buffers; anything that assigns them new tensors (the batch joining or leaving) is adopted at the next
-    update, with one copy. The same values as ``DynamicLayer``; measured 5-10 % off a step of 8 rows."""
+    update, with one copy. The same values as ``DynamicLayer``; a few per cent off a step of 8-16 rows
+    (``benchmarks/bench_decode_step.py``)."""
 
     @classmethod
     def of(cls, layer: DynamicLayer) -> _GrowingLayer:
