@@ -11,11 +11,14 @@
    ``DynamicLayer``), alternated ``--repeats`` times in this process: ms per step.
 3. **What bfloat16 weights change**: the next-token distributions of the bf16 model against the float32 one,
    teacher-forced along each float32 greedy answer (128 tokens) to a few prompts: top-1 agreement and mean KL.
+4. **One sequence alone**, without HTTP: 128 greedy tokens by ``generate_stream`` (the thread-per-request path)
+   and through the scheduler, alternated ``--repeats`` times, float32 and bfloat16: tokens/s.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 
 import torch
@@ -92,6 +95,51 @@ def bf16_agreement(composed: object, bf16: torch.nn.Module, tokens: int = 128) -
     return agree / n, kl / n, int(n)
 
 
+class _Job:
+    """A scheduler job that only waits for its end."""
+
+    def __init__(self, ids: list[int], params: object) -> None:
+        import threading
+
+        self.ids, self.params, self.composition = ids, params, None
+        self.cancelled, self.done = threading.Event(), threading.Event()
+
+    def put(self, kind: str, value: object = None) -> None:
+        if kind == "end":
+            self.done.set()
+
+
+def one_sequence(composed: object, repeats: int, tokens: int = 128) -> list[tuple[float, float]]:
+    """(tokens/s alone, tokens/s through the scheduler) for one greedy answer, ``repeats`` times alternated."""
+    from lorablocks.serving.blocks import BlockLibrary
+    from lorablocks.serving.generation import SamplingParams, encode_chat, generate_stream
+    from lorablocks.serving.live import LiveModel
+    from lorablocks.serving.scheduler import Scheduler
+
+    ids = encode_chat(composed.tokenizer, [{"role": "user", "content": PROMPTS[0]}])
+    params = SamplingParams(max_new_tokens=tokens, temperature=0.0)
+    empty = tempfile.mkdtemp()  # the library is not used: no blocks are active
+    scheduler = Scheduler(LiveModel(composed, BlockLibrary(empty)), max_batch=16)
+
+    def alone() -> float:
+        t0 = time.perf_counter()
+        for _ in generate_stream(composed.model, composed.tokenizer, ids, params):
+            pass
+        return tokens / (time.perf_counter() - t0)
+
+    def batched() -> float:
+        job, t0 = _Job(ids, params), time.perf_counter()
+        scheduler.start(job)
+        job.done.wait()
+        return tokens / (time.perf_counter() - t0)
+
+    try:
+        alone(), batched()  # warm up
+        return [(alone(), batched()) for _ in range(repeats)]
+    finally:
+        scheduler.shutdown()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -125,6 +173,10 @@ def main() -> None:
     agree, kl, n = bf16_agreement(composed, bf16)
     print(f"3. bfloat16 vs float32 weights, next token along {n} positions of float32 greedy answers: top-1 agreement "
           f"{100 * agree:.1f} %, mean KL {kl:.2e} nats")
+    print("4. one greedy answer of 128 tokens alone (no HTTP): generate_stream vs the scheduler, tokens/s")
+    for name, model in (("float32", composed.model), ("bfloat16", bf16)):
+        pairs = one_sequence(ComposedModel(model, composed.tokenizer, composed.model_id), args.repeats)
+        print(f"   {name:8s} " + ", ".join(f"{a:.1f} vs {b:.1f}" for a, b in pairs))
 
 
 if __name__ == "__main__":
