@@ -32,10 +32,23 @@ def test_bfloat16_weights_merge_in_float32_round_once_and_are_fingerprinted(mode
         dw = (x.B.double() @ x.A.double()).T if transposed else x.B.double() @ x.A.double()
         exact = base[pname].double() + dw
         assert not torch.equal(weight, base[pname])  # the blocks change every module they touch
-        # within half a bf16 step of the exact sum (one rounding, not two)
-        assert ((weight.double() - exact).abs() <= exact.abs() * 2.0 ** -8 + 1e-30).all(), name
+        # the exact sum rounded once to bf16, but for float32's own round-off at a tie (a merge in bf16
+        # arithmetic, rounding W0 + dW in two steps, misses on a large share of the entries)
+        assert (weight == exact.float().to(torch.bfloat16)).double().mean() > 0.995, name
+        assert ((weight.double() - exact).abs() <= exact.abs() * 2.0 ** -7 + 1e-30).all(), name
     bf16.set_active([])
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
+    assert bf16.fingerprint == "base@bfloat16" and fp32.fingerprint != bf16.fingerprint  # no block: the base, named
+
+
+def test_per_request_rows_in_bfloat16_get_their_own_fingerprint(model_dir, blocks_dir):
+    from lorablocks.serving.unmerged import RequestCompositions, RowHooks
+
+    for dtype, same in ((torch.float32, True), (torch.bfloat16, False)):
+        live = LiveModel(ComposedModel.load(str(model_dir), dtype=dtype), BlockLibrary(blocks_dir))
+        row = RequestCompositions(live, RowHooks(live.composed.model), limit=2).acquire("math")
+        live.set_active([("math", 1.0)])
+        assert (row.fingerprint == live.fingerprint) is same
 
 
 def test_a_bfloat16_server_answers_with_its_own_fingerprint(model_dir, blocks_dir):

@@ -144,6 +144,31 @@ def test_the_batch_cache_appends_in_place_and_holds_what_concatenation_would():
     assert torch.equal(out_v, torch.cat([other_values, v2[1:], v3], dim=-2))
 
 
+def test_a_sliding_window_layer_stays_sliding_in_the_batch_cache(tok):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=4,
+                           max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=0,
+                           layer_types=["sliding_attention", "full_attention"])
+    model = Gemma3ForCausalLM(cfg).eval()
+    ids = tok("the quick brown fox jumps over the lazy dog")["input_ids"]
+    with torch.no_grad():
+        cache = cache_of(model(input_ids=torch.tensor([ids]), use_cache=True))
+        sliding = type(cache.layers[0])
+        assert sliding.is_sliding and not BatchCache.batchable(cache)
+        batch = BatchCache()
+        batch.join(cache, len(ids))  # one sequence alone (a lane that cannot batch): still its own cache
+        assert type(batch.cache.layers[0]) is sliding and type(batch.cache.layers[1]).__name__ == "_GrowingLayer"
+        for _ in range(6):
+            mask, positions = batch.step_inputs()
+            model(input_ids=torch.tensor([[5]]), attention_mask=mask, position_ids=positions, use_cache=True,
+                  past_key_values=batch.cache)
+    assert batch.cache.layers[0].keys.shape[-2] == cfg.sliding_window - 1  # the window, not the whole sequence
+    assert batch.cache.layers[1].keys.shape[-2] == len(ids) + 6
+
+
 def test_batched_outputs_equal_outputs_alone_greedy_seeded_stop(tiny_live, scheduler, tok):
     settings = [dict(max_new_tokens=20), dict(max_new_tokens=33), dict(max_new_tokens=7),
                 dict(max_new_tokens=25, temperature=1.2, seed=3), dict(max_new_tokens=30, temperature=0.8, top_p=0.7,

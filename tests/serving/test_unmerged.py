@@ -44,6 +44,16 @@ def test_parse_composition():
     assert parse_composition("math+v2:final+a:b+c:-1", colons) == [("math", 1.0), ("v2:final", 1.0), ("a:b+c", -1.0)]
     with pytest.raises(RequestError, match="'final' of block 'v2' is not a number"):
         parse_composition("v2:final")  # without the library's names, ':final' reads as a weight
+    def lookups(parts: int) -> int:
+        looked: list[str] = []
+        name = "n" * 40  # a run can hold only about 7 such parts before it is longer than any block name
+        text = f"{name}:1+" * (parts - 1) + name
+        assert len(parse_composition(text, lambda n: looked.append(n) or n == name)) == parts
+        return len(looked)
+
+    assert lookups(256) < 2.2 * lookups(128)  # runs stop at a name's longest: linear in the parts, not quadratic
+    with pytest.raises(RequestError, match="at most 256"):
+        parse_composition("a+" * 300 + "a")
 
 
 def test_hooks_add_the_difference_to_the_default_on_the_rows_given():

@@ -68,3 +68,23 @@ def test_gap_interval_from_the_shared_resamples_contains_the_point_and_narrows_w
         assert g.interval[0] <= g.closed <= g.interval[1]
     assert large.interval[1] - large.interval[0] < small.interval[1] - small.interval[0]
     assert _gap(_changes(10.0, 5.0, 7.5, 6.0), "regmean:a+b", ("a", "b")).interval is None  # no resampler
+
+
+def test_with_several_seeds_the_share_is_the_statistic_whose_draws_give_its_interval():
+    from lorablocks.study.resample import Resampler
+
+    g = np.random.default_rng(1)
+    levels = {"sum": 0.0, "merged": -0.25, "regmean": -0.1, "single": -0.2}
+    records = {}
+    for seed, shift in enumerate((0.0, 0.6, -0.4)):  # seeds at quite different levels
+        rows = lambda v: [[float(5 * (2.0 + shift + v + 0.2 * z)), 5] for z in g.standard_normal(12)]  # noqa: E731
+        for k in ("sum", "merged", "regmean"):
+            records[(f"{k}:a+b", seed)] = _rec(a=rows(levels[k]), b=rows(levels[k]))
+        records[("single:a", seed)] = _rec(a=rows(levels["single"]))
+        records[("single:b", seed)] = _rec(b=rows(levels["single"]))
+    ch = _Changes(records, [0, 1, 2], Resampler({"a": 12, "b": 12}, 3, 2000, 0))
+    gap = _gap(ch, "regmean:a+b", ("a", "b"))
+    method, merged = ch.estimate("regmean:a+b", "sum:a+b", ("a", "b")), ch.estimate("merged:a+b", "sum:a+b", ("a", "b"))
+    assert gap.closed == pytest.approx(method.value / merged.value)
+    assert gap.interval[0] <= gap.closed <= gap.interval[1]
+    assert 0 < gap.closed < gap.ceiling  # the singles are better than regmean here, by construction

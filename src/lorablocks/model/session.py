@@ -68,13 +68,20 @@ class ComposedModel:
         return cls(model, tokenizer, model_id(spec))
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's weights (float32 unless loaded otherwise)."""
+        return getattr(self.model, "dtype", None) or next(self.model.parameters()).dtype
+
+    @property
+    def dtype_tag(self) -> str:
+        """``""`` for float32 weights, else ``"@bfloat16"`` (the dtype's name): what fingerprints add for it."""
+        return "" if self.dtype == torch.float32 else "@" + str(self.dtype).removeprefix("torch.")
+
+    @property
     def identity(self) -> str | None:
-        """The base model as fingerprints name it: its id, with its weights' dtype where that is not float32
-        (the same blocks merged into bfloat16 weights are other weights)."""
-        dtype = next(self.model.parameters()).dtype
-        if dtype == torch.float32:
-            return self.model_id
-        return f"{self.model_id}@{str(dtype).removeprefix('torch.')}"
+        """The base model as fingerprints name it: its id, with :attr:`dtype_tag` (the same blocks merged into
+        bfloat16 weights are other weights)."""
+        return self.model_id if not self.dtype_tag else f"{self.model_id or ''}{self.dtype_tag}"
 
     @property
     def delta(self) -> Mapping[str, LowRank]:

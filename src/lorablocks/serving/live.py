@@ -31,7 +31,7 @@ from lorablocks.serving.errors import ServerBusyError, UnknownBlockError
 __all__ = ["BASE_FINGERPRINT", "RWLock", "ActiveBlock", "ChangeReport", "LiveModel", "Runner", "check_method",
            "check_statistics"]
 
-#: the fingerprint reported while no block is active
+#: the fingerprint reported while no block is active (float32 weights; others add their dtype: ``base@bfloat16``)
 BASE_FINGERPRINT = "base"
 
 
@@ -125,7 +125,8 @@ class LiveModel:
         self.lock = RWLock()
         self._change = threading.Lock()  # one change at a time (read-modify-write of the active list)
         #: (active blocks, fingerprint), replaced as one value under the write lock
-        self._current: tuple[tuple[ActiveBlock, ...], str] = ((), BASE_FINGERPRINT)
+        self._base = BASE_FINGERPRINT + composed.dtype_tag  # no block active: "base" (float32), "base@bfloat16"
+        self._current: tuple[tuple[ActiveBlock, ...], str] = ((), self._base)
 
     @property
     def active(self) -> tuple[ActiveBlock, ...]:
@@ -198,7 +199,7 @@ class LiveModel:
         with self.lock.write():  # generations wait only for the copy into the weights
             report = self.composed.commit(prepared) if prepared is not None else self.composed.clear()
             active = tuple(ActiveBlock(n, float(w)) for n, w in entries)
-            self._current = (active, report.fingerprint or BASE_FINGERPRINT)
+            self._current = (active, report.fingerprint or self._base)
         t2 = time.perf_counter()
         return ChangeReport(*self._current, t2 - t0, t2 - t1, available)
 

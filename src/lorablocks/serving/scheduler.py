@@ -77,7 +77,9 @@ class BatchCache:
         device = cache.layers[0].keys.device
         mask = torch.ones(1, length, dtype=torch.long, device=device)
         if self.cache is None:
-            cache.layers[:] = [_GrowingLayer.of(layer) for layer in cache.layers]
+            # plain growing layers append in place; any other kind (a sliding window) stays as it is
+            cache.layers[:] = [_GrowingLayer.of(layer) if type(layer) is DynamicLayer else layer
+                               for layer in cache.layers]
             self.cache, self.mask, self.lengths = cache, mask, [length]
             return
         width = max(self.mask.shape[1], length)
@@ -328,7 +330,8 @@ class _Lane:
         decoding = Decoding(owner.live.composed.tokenizer, job.params, owner._eos)
         inputs = torch.tensor([list(job.ids)], device=next(model.parameters()).device)
         composition = getattr(job, "composition", None)
-        groups = [] if composition is None else [(None, composition.factors(owner.live.composed.delta))]
+        groups = [] if composition is None else [(None, composition.factors(owner.live.composed.delta,
+                                                                            owner.live.composed.dtype))]
         with owner.row_hooks.rows(groups):
             out = model(input_ids=inputs, use_cache=True, **{owner._cache_arg: None}, **owner._extra)
         if composition is not None:
@@ -384,5 +387,5 @@ class _Lane:
             if row.composition is not None:
                 rows.setdefault(id(row.composition), []).append(i)
                 held[id(row.composition)] = row.composition
-        default = self.owner.live.composed.delta
-        return [(torch.tensor(r, device=device), held[k].factors(default)) for k, r in rows.items()]
+        default, dtype = self.owner.live.composed.delta, self.owner.live.composed.dtype
+        return [(torch.tensor(r, device=device), held[k].factors(default, dtype)) for k, r in rows.items()]

@@ -9,7 +9,9 @@ change of the default, but never written into the weights: while the default com
 
 from the factors (rank ``r_C + r_D``, never a dense ``out x in``), so those rows run on ``W0 + dW_C`` up to float
 round-off, whatever the default is and however it changes while they run (they are never cut by a change).
-Their fingerprint is the one the same composition reports when it is made the default (the same recipe).
+With float32 weights their fingerprint is the one the same composition reports when it is made the default (the
+same recipe); with bfloat16 weights the two differ by the rounding of the merged weights, so the fingerprint says
+``+unmerged``.
 
 At most ``limit`` distinct compositions are held (each costs its factors' memory and, per decoding step, two
 small matmuls per module); one no running request uses is dropped for a new one, and when every held one is in
@@ -42,11 +44,22 @@ def parse_composition(text: str, known: Callable[[str], bool] = lambda name: Fal
     says a name is a block, it is read whole. At each place the longest run of ``+``-joined parts that names a
     block, alone or followed by ``:WEIGHT``, is taken; a part that is a block's whole name has weight 1."""
     parts, entries, i = text.split("+"), [], 0
+    if len(parts) > MAX_PARTS:
+        raise RequestError(f"model: a composition of at most {MAX_PARTS} '+'-joined parts, got {len(parts)}",
+                           setting="model")
     while i < len(parts):
-        j = next((j for j in range(len(parts), i + 1, -1) if _names_block(parts[i:j], known)), i + 1)
+        longest = i + 1  # a name is at most 255 characters (and its weight a few more): no longer run is tried
+        while longest < len(parts) and len("+".join(parts[i:longest + 1])) <= _LONGEST_PART:
+            longest += 1
+        j = next((j for j in range(longest, i + 1, -1) if _names_block(parts[i:j], known)), i + 1)
         entries.append(_entry(text, "+".join(parts[i:j]), known))
         i = j
     return entries
+
+
+#: '+'-joined parts a request's composition may have (each name costs a look-up in the library)
+MAX_PARTS = 256
+_LONGEST_PART = 255 + 40  # a block name's longest (check_block_name) and room for ':WEIGHT'
 
 
 def _names_block(run: list[str], known: Callable[[str], bool]) -> bool:
@@ -91,21 +104,21 @@ class RowComposition:
     fingerprint: str
     delta: Mapping[str, LowRank]
     users: int = 0
-    _against: tuple[Any, dict[str, _Factors]] | None = field(default=None, repr=False)
+    _against: tuple[Any, torch.dtype, dict[str, _Factors]] | None = field(default=None, repr=False)
 
-    def factors(self, default: Mapping[str, LowRank]) -> dict[str, _Factors]:
+    def factors(self, default: Mapping[str, LowRank], dtype: torch.dtype = torch.float32) -> dict[str, _Factors]:
         """Per module, the factors of ``delta - default`` (what rows of this composition add to the merged
-        weights ``W0 + default``); kept until the default changes."""
+        weights ``W0 + default``) in the model's ``dtype``; kept until the default changes."""
         cached = self._against
-        if cached is not None and cached[0] is default:
-            return cached[1]
+        if cached is not None and cached[0] is default and cached[1] == dtype:
+            return cached[2]
         out: dict[str, _Factors] = {}
         for name in {*self.delta, *default}:
             mine, theirs = self.delta.get(name), default.get(name)
             As = ([mine.A] if mine is not None else []) + ([theirs.A] if theirs is not None else [])
             Bs = ([mine.B] if mine is not None else []) + ([-theirs.B] if theirs is not None else [])
-            out[name] = _Factors(torch.cat(As).T.contiguous(), torch.cat(Bs, dim=1).T.contiguous())
-        self._against = (default, out)
+            out[name] = _Factors(torch.cat(As).T.contiguous().to(dtype), torch.cat(Bs, dim=1).T.contiguous().to(dtype))
+        self._against = (default, dtype, out)
         return out
 
 
@@ -121,7 +134,8 @@ class RequestCompositions:
 
     def acquire(self, spec: str) -> RowComposition:
         """The composition ``spec`` names, held for one request until :meth:`release`."""
-        entries = parse_composition(spec, self.is_block)
+        listed = set(self.live.library.names())  # one listing per request: each candidate name is a set look-up
+        entries = parse_composition(spec, listed.__contains__)
         names = [n for n, _ in entries]
         if not all(self.is_block(n) for n in names):
             raise ModelNotFoundError(
@@ -139,7 +153,11 @@ class RequestCompositions:
                 self._held.move_to_end(key)
                 return held
         delta, recipe = self.live.composition(entries, lambda i: "model")  # outside the lock: may take a while
-        fingerprint = recipe.fingerprint(base=self.live.composed.identity)
+        composed = self.live.composed
+        # in float32 unmerged rows run on W0 + dW_C up to round-off, as the same composition merged does; in a
+        # lower precision the merged default's own rounding differs from the merged composition's by as much as
+        # the rounding, and the tokens drift apart: other weights, so another fingerprint
+        fingerprint = recipe.fingerprint(base=f"{composed.identity}+unmerged" if composed.dtype_tag else composed.identity)
         with self._lock:
             held = self._held.get(key) or self._make_room(key, RowComposition(spec, fingerprint, delta))
             held.users += 1

@@ -75,9 +75,10 @@ class _Changes:
     def change(self, new: str, ref: str, domains: Sequence[str], ref_seedless: bool = False) -> Interval:
         return self.estimate(new, ref, domains, ref_seedless).interval()
 
-    def pooled(self, groups: Sequence[tuple[str, str, str]]) -> Estimate:
-        """One change pooled over ``(new label, ref label, domain)`` groups (seeds pooled)."""
-        return self.rs.pooled([(d, self.series(n, d, None), self.series(r, d, None)) for n, r, d in groups],
+    def pooled(self, groups: Sequence[tuple[str, str, str]], m: int | None = None) -> Estimate:
+        """One change pooled over ``(new label, ref label, domain)`` groups (seeds pooled; the first ``m`` examples
+        of each domain, default all)."""
+        return self.rs.pooled([(d, self.series(n, d, m), self.series(r, d, m)) for n, r, d in groups],
                               range(len(self.seeds)))
 
     def ppl(self, label: str, domain: str) -> float:
@@ -284,23 +285,28 @@ def _methods(ch: _Changes, cfg: StudyConfig, inp: Inputs) -> list[MethodResult]:
 
 
 def _gap(ch: _Changes, label: str, s: Sequence[str]) -> GapClosed | None:
-    """Point estimates (seed means of joint perplexity) of the share of the sum's gap to merged-data that
-    ``label`` closes, beside the single blocks' share; ``None`` if a single block was not scored on its domain."""
+    """The share of the sum's gap to merged-data that ``label`` closes, beside the single blocks' share, with the
+    perplexities (seed means) it comes from; ``None`` if a single block was not scored on its domain. With the
+    study's resampler the shares are ratios of the pooled joint changes vs the sum (the statistic whose
+    bootstrap draws give the interval); without it, of the seed means of joint perplexity."""
     if not all(ch.has(f"single:{d}") for d in s):
         return None
-    j_sum, j_merged, j_method = ch.joint(f"sum:{_tag(s)}", s), ch.joint(f"merged:{_tag(s)}", s), ch.joint(label, s)
+    sum_label, merged_label = f"sum:{_tag(s)}", f"merged:{_tag(s)}"
+    j_sum, j_merged, j_method = ch.joint(sum_label, s), ch.joint(merged_label, s), ch.joint(label, s)
     j_singles = statistics.fmean(
         joint_perplexity({d: ch.records[(f"single:{d}", seed)]["per_example"][d] for d in s}, s) for seed in ch.seeds)
-    gap = j_sum - j_merged
-    if gap <= 0:
-        return GapClosed(j_sum, j_merged, j_method, j_singles, None, None)
-    interval = None
-    if ch.rs is not None:
-        sum_label = f"sum:{_tag(s)}"
-        interval = ratio_interval(ch.estimate(label, sum_label, s).boot,
-                                  ch.estimate(f"merged:{_tag(s)}", sum_label, s).boot)
-    return GapClosed(j_sum, j_merged, j_method, j_singles, (j_sum - j_method) / gap, (j_sum - j_singles) / gap,
-                     interval)
+    ppl = (j_sum, j_merged, j_method, j_singles)
+    if ch.rs is None:
+        gap = j_sum - j_merged
+        return GapClosed(*ppl, (j_sum - j_method) / gap if gap > 0 else None,
+                         (j_sum - j_singles) / gap if gap > 0 else None)
+    m = min(len(ch.records[(label, ch.seeds[0])]["per_example"][d]) for d in s)
+    method, merged = ch.estimate(label, sum_label, s), ch.estimate(merged_label, sum_label, s)
+    singles = ch.pooled([(f"single:{d}", sum_label, d) for d in s], m)
+    if not merged.value < 0:  # merged-data is not better than the sum: no gap to close
+        return GapClosed(*ppl, None, None)
+    return GapClosed(*ppl, method.value / merged.value, singles.value / merged.value,
+                     ratio_interval(method.boot, merged.boot))
 
 
 def _families(result: StudyResult) -> None:

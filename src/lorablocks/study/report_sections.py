@@ -170,8 +170,7 @@ def _gap(m: MethodResult) -> str:
         return "-"
     if g.closed is None:
         return "no gap (sum not worse)"
-    return f"{100 * g.closed:.0f} % {share_interval(g.interval)} ({100 * g.ceiling:.0f} %)"
-
+    return " ".join(x for x in (f"{100 * g.closed:.0f} %", share_interval(g.interval), f"({100 * g.ceiling:.0f} %)") if x)
 
 
 def training(r: StudyResult, files: dict) -> list[str]:

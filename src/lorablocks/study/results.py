@@ -35,9 +35,10 @@ class SubsetResult:
 
 @dataclass
 class GapClosed:
-    """How much of the naive sum's gap to merged-data (joint perplexity, seed means) a method closes, and how
-    much the single blocks on their own domains close: the ceiling of any composition that makes each block act
-    as itself on its own domain's inputs (RegMean's aim); ``None`` where the sum is not worse than merged-data."""
+    """How much of the naive sum's gap to merged-data (joint perplexity) a method closes, and how much the single
+    blocks on their own domains close: the ceiling of any composition that makes each block act as itself on its
+    own domain's inputs (RegMean's aim); ``None`` where the sum is not worse than merged-data. The ``ppl_*`` are
+    seed means; the shares are ratios of the joint changes vs the sum pooled over seeds (see ``analysis._gap``)."""
 
     ppl_sum: float
     ppl_merged: float
