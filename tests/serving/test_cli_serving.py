@@ -74,7 +74,7 @@ def test_serve_refuses_bad_input_before_loading(model_dir, blocks_dir, tmp_path,
         (["--blocks", str(blocks_dir), "--active", "nope"], "no block named 'nope'"),
         (["--blocks", str(blocks_dir), "--active", "../math"], "not a plain folder name"),
         (["--blocks", str(blocks_dir), "--port", "70000"], "--port"),
-        (["--blocks", str(blocks_dir), "--dtype", "float16"], "dtype must be one of float32, bfloat16"),
+        (["--blocks", str(blocks_dir), "--dtype", "float16"], "must be one of float32, bfloat16"),
     ]
     for args, message in cases:
         assert run_app(["serve", "--model", str(model_dir), *args]) == 2

@@ -182,7 +182,8 @@ def serve(settings: ServeSettings, announce: Callable[[str], None] = print) -> N
     if settings.active and get_method(settings.method).needs_statistics:  # a block without them, before the load
         check_statistics([library.get(name) for name, _ in settings.active], settings.method)
     if settings.dtype not in SERVE_DTYPES:
-        raise RequestError(f"dtype must be one of {', '.join(SERVE_DTYPES)}, got {settings.dtype!r}", setting="dtype")
+        raise RequestError(f"the weights' dtype must be one of {', '.join(SERVE_DTYPES)}, got {settings.dtype!r}",
+                           setting="dtype")
     composed = ComposedModel.load(settings.model, cache_dir=settings.cache_dir, dtype=SERVE_DTYPES[settings.dtype])
     live = LiveModel(composed, library, settings.method, params)
     if settings.active:
