@@ -134,14 +134,14 @@ class RequestCompositions:
 
     def acquire(self, spec: str) -> RowComposition:
         """The composition ``spec`` names, held for one request until :meth:`release`."""
-        listed = set(self.live.library.names())  # one listing per request: each candidate name is a set look-up
+        available = self.live.library.names()  # one listing per request (every name in it checked, as is_block does)
+        listed = set(available)
         entries = parse_composition(spec, listed.__contains__)
         names = [n for n, _ in entries]
-        if not all(self.is_block(n) for n in names):
+        if not all(n in listed for n in names):
             raise ModelNotFoundError(
                 f"model {spec!r} is neither this server's model nor a composition of its blocks "
-                f"(NAME[:WEIGHT]+...; available: {', '.join(self.live.library.names()) or 'none'})",
-                setting="model")
+                f"(NAME[:WEIGHT]+...; available: {', '.join(available) or 'none'})", setting="model")
         if self.limit == 0:
             raise RequestError("per-request compositions are off on this server (serve --max-compositions 0, or "
                                "--max-batch 0); change the default composition with /v1/blocks", setting="model")

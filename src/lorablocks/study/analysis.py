@@ -67,8 +67,12 @@ class _Changes:
         m = min(len(r) for r in rows) if m is None else m
         return np.asarray([r[:m] for r in rows], dtype=np.float64).reshape(len(rows), m, 2)
 
+    def joint_length(self, label: str, domains: Sequence[str]) -> int | None:
+        """Examples per domain a joint change over ``domains`` uses (the fewest ``label`` has; None: one domain)."""
+        return min(len(self.records[(label, self.seeds[0])]["per_example"][d]) for d in domains) if len(domains) > 1 else None
+
     def estimate(self, new: str, ref: str, domains: Sequence[str], ref_seedless: bool = False) -> Estimate:
-        m = min(len(self.records[(new, self.seeds[0])]["per_example"][d]) for d in domains) if len(domains) > 1 else None
+        m = self.joint_length(new, domains)
         return self.rs.change({d: self.series(new, d, m) for d in domains},
                               {d: self.series(ref, d, m, ref_seedless) for d in domains}, range(len(self.seeds)))
 
@@ -300,9 +304,8 @@ def _gap(ch: _Changes, label: str, s: Sequence[str]) -> GapClosed | None:
         gap = j_sum - j_merged
         return GapClosed(*ppl, (j_sum - j_method) / gap if gap > 0 else None,
                          (j_sum - j_singles) / gap if gap > 0 else None)
-    m = min(len(ch.records[(label, ch.seeds[0])]["per_example"][d]) for d in s)
     method, merged = ch.estimate(label, sum_label, s), ch.estimate(merged_label, sum_label, s)
-    singles = ch.pooled([(f"single:{d}", sum_label, d) for d in s], m)
+    singles = ch.pooled([(f"single:{d}", sum_label, d) for d in s], ch.joint_length(label, s))
     if not merged.value < 0:  # merged-data is not better than the sum: no gap to close
         return GapClosed(*ppl, None, None)
     return GapClosed(*ppl, method.value / merged.value, singles.value / merged.value,

@@ -46,9 +46,9 @@ def _gaps(r: StudyResult) -> list[str]:
         lines.append(f"- {label}: share of the naive sum's gap to merged-data closed (joint, point estimates) "
                      f"{100 * min(closed):.0f} % to {100 * max(closed):.0f} % over {len(rows)} subsets; the single blocks "
                      f"on their own domains (the ceiling of making each block act as itself) {100 * min(ceiling):.0f} % to "
-                     f"{100 * max(ceiling):.0f} %; lowest {'+'.join(low.domains)} {100 * low.gap.closed:.0f} %"
-                     f"{' ' + share_interval(low.gap.interval) if low.gap.interval else ''} (ceiling "
-                     f"{100 * low.gap.ceiling:.0f} %); 95 % intervals of the share in the methods table.")
+                     f"{100 * max(ceiling):.0f} %; lowest {'+'.join(low.domains)} "
+                     + " ".join(x for x in (f"{100 * low.gap.closed:.0f} %", share_interval(low.gap.interval)) if x)
+                     + f" (ceiling {100 * low.gap.ceiling:.0f} %); 95 % intervals of the share in the methods table.")
     return lines
 
 
